@@ -58,3 +58,33 @@ class Task(ABC):
     @abstractmethod
     def validate(self, ctx: StepContext, loader: Any) -> dict[str, float]:
         """Metrics on the validation set; must include :attr:`val_metric`."""
+
+    # --- after training: used by ``medistill evaluate / predict / export / report`` -------------------
+
+    def load_models(self, which: str = "best", stage: str = "") -> dict[str, torch.nn.Module]:
+        """Rebuild the trainable networks and load their weights from ``RUN/[stage_]{which}.pt``."""
+        from medistill.engine.checkpoint import load_checkpoint
+
+        name = f"{stage + '_' if stage else ''}{which}.pt"
+        state = load_checkpoint(self.run_dir / name)
+        models = self.build_models()
+        for key, model in models.items():
+            if key not in state["models"]:
+                from medistill.errors import MedistillError
+
+                raise MedistillError(f"{self.run_dir / name}: no weights for model {key!r}")
+            model.load_state_dict(state["models"][key])
+            model.eval()
+        return models
+
+    def evaluate(self, models: dict[str, torch.nn.Module], out_dir: Path) -> dict[str, Any]:
+        """Metrics on the held-out test data (``{"cases": {case: {metric: value}}, ...}``) + figures."""
+        from medistill.errors import MedistillError
+
+        raise MedistillError(f"task {self.cfg.task!r} has no evaluation")
+
+    def predict_file(self, models: dict[str, torch.nn.Module], src: Path, dst: Path) -> Path:
+        """Run the trained model on one input file and write the result in the input's geometry."""
+        from medistill.errors import MedistillError
+
+        raise MedistillError(f"task {self.cfg.task!r} does not predict on files")

@@ -1,0 +1,141 @@
+"""Verbs on experiments: train, evaluate, predict, run (all stages), report run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medistill.cli import app, report_app
+from medistill.config import load_config
+from medistill.errors import MedistillError
+from medistill.runs import open_run, prepare_run, write_json
+
+console = Console(stderr=True)
+
+
+def _train(config: Path, out: Path | None, overrides: list[str], overwrite: bool) -> Path:
+    cfg = load_config(config, overrides)
+    run_dir = out or Path("runs") / cfg.name
+    task = prepare_run(cfg, run_dir, overwrite=overwrite)
+    if hasattr(task, "fit"):  # multi-stage tasks (teacher -> student) drive the engine themselves
+        task.fit()
+    else:
+        from medistill.engine.trainer import Trainer
+
+        Trainer(task, run_dir).fit()
+    return run_dir
+
+
+def _print_cases(result: dict) -> None:
+    cases = result.get("cases", {})
+    if not cases:
+        return
+    metrics = sorted({k for v in cases.values() for k in v})
+    table = Table(title=result.get("note", "evaluation"))
+    table.add_column("case")
+    for m in metrics:
+        table.add_column(m, justify="right")
+    for case, vals in cases.items():
+        table.add_row(
+            case,
+            *(f"{vals[m]:.4f}" if isinstance(vals.get(m), float) else str(vals.get(m, "")) for m in metrics),
+        )
+    Console().print(table)
+
+
+def _evaluate(run_dir: Path) -> dict:
+    task = open_run(run_dir)
+    out_dir = run_dir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = task.evaluate(task.load_models("best"), out_dir)
+    write_json(out_dir / "metrics.json", result)
+    _print_cases(result)
+    return result
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="experiment YAML"),
+    out: Path | None = typer.Option(None, "--out", help="run folder (default runs/<name>)"),
+    set_: list[str] = typer.Option([], "--set", help="override a config value: a.b=c (repeatable)"),
+    overwrite: bool = typer.Option(False, help="start afresh in an existing run folder"),
+) -> None:
+    """Train the experiment described by CONFIG (resumes from RUN/last.pt if present)."""
+    run_dir = _train(config, out, set_, overwrite)
+    typer.echo(str(run_dir))
+
+
+@app.command()
+def evaluate(run: Path = typer.Argument(..., help="run folder")) -> None:
+    """Evaluate a trained run on its test data; writes RUN/eval/metrics.json and figures."""
+    _evaluate(run)
+
+
+@app.command()
+def predict(
+    run: Path = typer.Argument(..., help="run folder"),
+    input: Path = typer.Argument(..., help="image to process (NIfTI, MHA, NRRD, DICOM)"),
+    out: Path = typer.Option(..., "--out", help="output file (e.g. pred.nii.gz)"),
+) -> None:
+    """Run the trained model on INPUT and write the result in the input's geometry."""
+    if not input.exists():
+        raise MedistillError(f"input not found: {input}")
+    if out.resolve() == input.resolve():
+        raise MedistillError(f"--out {out} is the input file; medistill never overwrites inputs")
+    task = open_run(run)
+    task.predict_file(task.load_models("best"), input, out)
+    typer.echo(str(out))
+
+
+def _report(run_dir: Path) -> Path:
+    import json
+
+    from medistill.report.figures import plot_training_curves
+    from medistill.report.html import Section, write_report
+
+    task = open_run(run_dir)
+    eval_path = run_dir / "eval" / "metrics.json"
+    result = json.loads(eval_path.read_text()) if eval_path.exists() else {}
+    stages = {
+        p.parent.name if p.parent != run_dir else "model": p.parent for p in run_dir.rglob("metrics.jsonl")
+    }
+    curves = plot_training_curves(stages, run_dir / "eval" / "curves.png", val_metric=task.val_metric)
+    sections = []
+    cases = result.get("cases", {})
+    if cases:
+        metrics = sorted({k for v in cases.values() for k in v})
+        sections.append(
+            Section(
+                "Test metrics",
+                result.get("note", ""),
+                tables=[
+                    (["case", *metrics], [[c, *(v.get(m, "") for m in metrics)] for c, v in cases.items()])
+                ],
+            )
+        )
+    sections.append(Section("Figures", figures=[Path(f) for f in result.get("figures", [])]))
+    sections.append(Section("Training", figures=[curves]))
+    sections.append(Section("Configuration", (run_dir / "config.yaml").read_text()))
+    return write_report(run_dir / "report.html", f"medistill run: {run_dir.name} ({task.cfg.task})", sections)
+
+
+@report_app.command("run")
+def report_run(run: Path = typer.Argument(..., help="run folder")) -> None:
+    """Write RUN/report.html (metrics, figures, training curves, config)."""
+    typer.echo(str(_report(run)))
+
+
+@app.command("run")
+def run_all(
+    config: Path = typer.Argument(..., help="experiment YAML"),
+    out: Path | None = typer.Option(None, "--out", help="run folder (default runs/<name>)"),
+    set_: list[str] = typer.Option([], "--set", help="override a config value: a.b=c (repeatable)"),
+    overwrite: bool = typer.Option(False, help="start afresh in an existing run folder"),
+) -> None:
+    """Train, evaluate and report in one go (the whole pipeline of CONFIG)."""
+    run_dir = _train(config, out, set_, overwrite)
+    _evaluate(run_dir)
+    typer.echo(str(_report(run_dir)))

@@ -1,0 +1,1 @@
+"""Metrics: segmentation overlap, registration quality, image quality."""

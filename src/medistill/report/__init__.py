@@ -1,0 +1,1 @@
+"""Figures and static HTML reports a person can look at."""

@@ -1,0 +1,60 @@
+"""Run folders: ``RUN/config.yaml`` + checkpoints + metrics + ``eval/`` + ``report.html``.
+
+A run folder is self-describing: every verb after ``train`` (evaluate, predict, export, report)
+rebuilds the task from ``RUN/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medistill.config import ExperimentConfig, dump_config, validate_config
+from medistill.errors import MedistillError
+from medistill.io.atomic import atomic_write_text
+from medistill.registry import TASKS
+from medistill.tasks.base import Task
+
+
+def make_task(cfg: ExperimentConfig, run_dir: Path) -> Task:
+    return TASKS.get(cfg.task)(cfg, run_dir)
+
+
+def prepare_run(cfg: ExperimentConfig, run_dir: Path, overwrite: bool = False) -> Task:
+    """Create ``run_dir`` with its config; refuse to mix two different experiments in one folder."""
+    text = dump_config(cfg)
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.exists() and not overwrite:
+        old = yaml.safe_load(cfg_path.read_text())
+        new = yaml.safe_load(text)
+        old.get("train", {}).pop("steps", None), new.get("train", {}).pop("steps", None)
+        if old != new:
+            raise MedistillError(
+                f"{run_dir} already holds a different experiment (config.yaml differs); "
+                "choose another --out, or pass --overwrite to start afresh there"
+            )
+    if overwrite and run_dir.exists():
+        for name in ("last.pt", "best.pt", "metrics.jsonl"):
+            for p in run_dir.rglob(name):
+                p.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cfg_path, text)
+    return make_task(cfg, run_dir)
+
+
+def open_run(run_dir: str | Path) -> Task:
+    """The task of an existing run folder."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise MedistillError(f"{run_dir} is not a medistill run folder (no config.yaml); train one first")
+    raw = yaml.safe_load(cfg_path.read_text())
+    return make_task(validate_config(raw, str(cfg_path)), run_dir)
+
+
+def write_json(path: Path, data: Any) -> Path:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+    return path

@@ -1,0 +1,277 @@
+"""2D lung segmentation on axial CT slices: the first task through the whole medistill path.
+
+Data: one labelled CT (by default the ``chest-ct`` example; lung lobes 10-14 merged into one lung
+label) or the user's own CT + label map. A single volume is not a cohort, so the split is by slabs
+of consecutive axial slices (train / val / test slabs interleaved along z, the first slice of every
+slab dropped as a gap); every table says so. Slices are clipped to a HU window, scaled to [0, 1] and
+resampled in-plane to ``data.size`` (area averaging; labels by area fraction >= 0.5, never by
+interpolating label values). Predictions are made at that size and resampled back to the input grid,
+so the written NIfTI overlays the CT in any viewer.
+
+Baseline: "air inside the body" (HU < -400 within the filled body outline), the classical
+threshold segmentation of lungs, evaluated on the same test slices.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from pydantic import Field
+from scipy import ndimage
+
+from medistill.config import ExperimentConfig, StrictModel
+from medistill.engine.data import KeyedDataset
+from medistill.errors import MedistillError
+from medistill.io.images import Image, check_same_grid, read_image, write_image
+from medistill.metrics.segmentation import dice
+from medistill.nets.unet import UNet
+from medistill.registry import TASKS
+from medistill.tasks.base import Task
+
+SPLITS = ("train", "train", "val", "train", "test")  # slab pattern along z
+
+
+class LungData(StrictModel):
+    example: str | None = Field("chest-ct", description="example set providing cxr.nii.gz + mask.nii.gz")
+    image: Path | None = Field(None, description="CT volume (used instead of `example`)")
+    label: Path | None = Field(None, description="label map on the CT's grid")
+    label_ids: list[int] = Field(
+        [10, 11, 12, 13, 14], min_length=1, description="label values merged into lung"
+    )
+    size: int = Field(128, ge=16, description="in-plane size slices are resampled to (multiple of 8)")
+    hu_window: tuple[float, float] = (-1000.0, 400.0)
+    slab: int = Field(8, ge=2, description="slices per slab in the slab split")
+
+
+class LungModel(StrictModel):
+    features: list[int] = Field([16, 32, 64, 128], min_length=2)
+
+
+class Lung2DConfig(ExperimentConfig):
+    task: str = "lung2d"
+    data: LungData = LungData()
+    model: LungModel = LungModel()
+
+
+def axial_axis(affine: np.ndarray) -> int:
+    """The array axis that runs most nearly head-foot (world z), i.e. the axis of axial slices."""
+    cols = np.asarray(affine)[:3, :3]
+    return int(np.argmax(np.abs(cols[2]) / np.linalg.norm(cols, axis=0)))
+
+
+def to_axial_slices(volume: np.ndarray, axis: int) -> np.ndarray:
+    """``(X, Y, Z)`` volume -> ``(N, H, W)`` stack of slices along ``axis``."""
+    return np.moveaxis(volume, axis, 0)
+
+
+def normalise(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    lo, hi = window
+    return ((np.clip(hu, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+def resize_slices(x: np.ndarray, size: int) -> np.ndarray:
+    """``(N, H, W)`` float -> ``(N, size, size)`` by area averaging (anti-aliased downsampling)."""
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[:, None]
+    mode = "area" if size <= min(x.shape[1:]) else "bilinear"
+    return F.interpolate(t, size=(size, size), mode=mode).squeeze(1).numpy()
+
+
+def air_in_body_baseline(hu_slice: np.ndarray) -> np.ndarray:
+    """Classical lung mask: air (HU < -400) inside the filled body outline of a 2D slice."""
+    body = ndimage.binary_fill_holes(hu_slice > -500)
+    labels, n = ndimage.label(body)
+    if n:
+        sizes = ndimage.sum(body, labels, range(1, n + 1))
+        body = labels == (1 + int(np.argmax(sizes)))
+        body = ndimage.binary_fill_holes(body)
+    return body & (hu_slice < -400)
+
+
+def slab_split(n: int, slab: int) -> dict[str, np.ndarray]:
+    """Indices of the train/val/test slices of an ``n``-slice stack (slab pattern, one-slice gaps)."""
+    out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for z in range(n):
+        s, pos = divmod(z, slab)
+        if pos == 0 and s > 0:  # gap between slabs
+            continue
+        out[SPLITS[s % len(SPLITS)]].append(z)
+    return {k: np.asarray(v, dtype=int) for k, v in out.items()}
+
+
+class SliceSet(KeyedDataset):
+    """Axial slices ``(1, S, S)`` in [0, 1] with their lung masks; training adds flips and intensity jitter."""
+
+    def __init__(self, images: np.ndarray, masks: np.ndarray, augment: bool) -> None:
+        self.images, self.masks, self.augment = images, masks, augment
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def get(self, index: int, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
+        img, msk = self.images[index], self.masks[index]
+        if self.augment and rng is not None:
+            if rng.random() < 0.5:
+                img, msk = img[:, ::-1], msk[:, ::-1]
+            gamma = float(np.exp(rng.normal(0, 0.15)))
+            img = np.clip(img, 0, 1) ** gamma * rng.uniform(0.9, 1.1) + rng.normal(0, 0.02, img.shape)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None],
+            "label": torch.from_numpy(np.ascontiguousarray(msk, dtype=np.int64))[None],
+        }
+
+
+@TASKS.register("lung2d")
+class Lung2DTask(Task):
+    """Binary lung segmentation of axial CT slices with a 2D U-Net."""
+
+    Config = Lung2DConfig
+    val_metric = "dice"
+    val_mode = "max"
+
+    def __init__(self, cfg: Lung2DConfig, run_dir: str | Path) -> None:
+        super().__init__(cfg, run_dir)
+        if cfg.data.size % 2 ** (len(cfg.model.features) - 1):
+            raise MedistillError(
+                f"data.size={cfg.data.size} must be a multiple of {2 ** (len(cfg.model.features) - 1)} "
+                f"for a U-Net with {len(cfg.model.features)} levels"
+            )
+        self._volume: tuple[Image, Image] | None = None
+
+    # --- data ------------------------------------------------------------------------------------
+    def source_files(self) -> tuple[Path, Path]:
+        d = self.cfg.data
+        if d.image is not None:
+            if d.label is None:
+                raise MedistillError("data.image is set but data.label is not; training needs both")
+            return Path(d.image), Path(d.label)
+        if d.example is None:
+            raise MedistillError("set data.example (e.g. chest-ct) or data.image + data.label")
+        from medistill.io.examples import example_file
+
+        return example_file(d.example, "cxr.nii.gz"), example_file(d.example, "mask.nii.gz")
+
+    def volume(self) -> tuple[Image, Image]:
+        """The CT (HU) and its binary lung mask, validated (3D, same grid, lung present)."""
+        if self._volume is None:
+            img_path, lab_path = self.source_files()
+            ct, lab = read_image(img_path), read_image(lab_path)
+            if ct.ndim != 3:
+                raise MedistillError(f"{img_path}: expected a 3D CT volume, got shape {ct.shape}")
+            check_same_grid(ct, lab, str(img_path), str(lab_path))
+            lung = np.isin(np.rint(lab.array).astype(np.int64), self.cfg.data.label_ids)
+            if not lung.any():
+                raise MedistillError(f"{lab_path}: none of the label values {self.cfg.data.label_ids} occur")
+            self._volume = (ct, lab.with_array(lung.astype(np.uint8)))
+        return self._volume
+
+    def slices(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Full-resolution HU slices, lung masks and the slab split."""
+        ct, lung = self.volume()
+        axis = axial_axis(ct.affine)
+        hu, masks = to_axial_slices(ct.array, axis), to_axial_slices(lung.array, axis)
+        return hu, masks, slab_split(len(hu), self.cfg.data.slab)
+
+    def build_data(self) -> tuple[SliceSet, SliceSet]:
+        d = self.cfg.data
+        hu, masks, split = self.slices()
+        x = resize_slices(normalise(hu, d.hu_window), d.size)
+        y = resize_slices(masks.astype(np.float32), d.size) >= 0.5
+        return (
+            SliceSet(x[split["train"]], y[split["train"]], augment=True),
+            SliceSet(x[split["val"]], y[split["val"]], augment=False),
+        )
+
+    # --- model and steps -------------------------------------------------------------------------
+    def build_models(self) -> dict[str, torch.nn.Module]:
+        return {"net": UNet(2, 1, 2, features=self.cfg.model.features)}
+
+    def _loss(self) -> DiceCELoss:
+        if not hasattr(self, "_dice_ce"):
+            self._dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=False)
+        return self._dice_ce
+
+    def training_step(self, batch: dict[str, torch.Tensor], ctx: Any) -> dict[str, float]:
+        with ctx.autocast():
+            logits = ctx.models["net"](batch["image"])
+            loss = self._loss()(logits.float(), batch["label"])
+        ctx.optimize("main", loss)
+        return {"loss": float(loss.detach())}
+
+    def validate(self, ctx: Any, loader: Any) -> dict[str, float]:
+        preds, truths = [], []
+        for batch in loader:
+            preds.append(ctx.models["net"](batch["image"].to(ctx.device)).argmax(1).cpu())
+            truths.append(batch["label"][:, 0])
+        return {"dice": dice(torch.cat(preds), torch.cat(truths))}
+
+    # --- inference -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_slices(self, net: torch.nn.Module, hu: np.ndarray, batch: int = 16) -> np.ndarray:
+        """``(N, H, W)`` HU slices -> lung probability ``(N, H, W)`` at the input resolution."""
+        d = self.cfg.data
+        net.eval()
+        device = next(net.parameters()).device
+        x = resize_slices(normalise(hu, d.hu_window), d.size)
+        out = []
+        for i in range(0, len(x), batch):
+            xb = torch.from_numpy(x[i : i + batch])[:, None].to(device)
+            prob = torch.softmax(net(xb), 1)[:, 1:2]
+            out.append(
+                F.interpolate(prob, size=hu.shape[1:], mode="bilinear", align_corners=False)[:, 0].cpu()
+            )
+        return torch.cat(out).numpy()
+
+    def predict_file(self, models: dict[str, torch.nn.Module], src: Path, dst: Path) -> Path:
+        """Segment a CT volume (or one axial slice) and write a uint8 mask in the input's geometry."""
+        img = read_image(src)
+        if img.ndim == 2:
+            mask = self.predict_slices(models["net"], img.array[None])[0] >= 0.5
+        elif img.ndim == 3:
+            axis = axial_axis(img.affine)
+            prob = self.predict_slices(models["net"], to_axial_slices(img.array, axis))
+            mask = np.moveaxis(prob >= 0.5, 0, axis)
+        else:
+            raise MedistillError(f"{src}: expected a 2D slice or a 3D CT volume, got shape {img.shape}")
+        write_image(img.with_array(mask.astype(np.uint8)), dst)
+        return dst
+
+    def evaluate(self, models: dict[str, torch.nn.Module], out_dir: Path) -> dict[str, Any]:
+        """Dice on the test slabs at full resolution, next to the air-in-body threshold baseline.
+
+        Writes an overlay figure of test slices into ``out_dir`` and returns JSON-ready metrics.
+        """
+        from medistill.report.figures import overlay_grid
+
+        hu, masks, split = self.slices()
+        idx = split["test"]
+        pred = self.predict_slices(models["net"], hu[idx]) >= 0.5
+        base = np.stack([air_in_body_baseline(s) for s in hu[idx]])
+        case = "chest-ct" if self.cfg.data.image is None else Path(self.cfg.data.image).name
+        lung_rows = np.flatnonzero(masks[idx].reshape(len(idx), -1).sum(1) > 0)
+        show = lung_rows[np.linspace(0, len(lung_rows) - 1, 3).astype(int)] if len(lung_rows) else [0]
+        # axial slices of an RAS-ordered array are displayed with anterior up (transpose + flip rows)
+        view = lambda a: np.flipud(a.T)  # noqa: E731
+        fig = overlay_grid(
+            [view(hu[idx][i]) for i in show],
+            [view(masks[idx][i]) for i in show],
+            [view(pred[i]) for i in show],
+            Path(out_dir) / "overlay.png",
+            titles=[f"test slice z={idx[i]}" for i in show],
+            window=(-1000.0, 400.0),
+        )
+        return {
+            "cases": {
+                case: {
+                    "dice": dice(pred, masks[idx]),
+                    "dice_baseline_air_threshold": dice(base, masks[idx]),
+                    "test_slices": int(len(idx)),
+                }
+            },
+            "note": "slab split of one volume (train/val/test slabs of consecutive axial slices)",
+            "figures": [str(fig)],
+        }
