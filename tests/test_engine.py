@@ -72,8 +72,15 @@ class ToyTask(Task):
 
 
 def toy_cfg(**train) -> ToyConfig:
-    base = {"steps": 12, "batch_size": 8, "lr": 0.01, "log_every": 1, "val_every": 4,
-            "checkpoint_every": 5, "progress": False}
+    base = {
+        "steps": 12,
+        "batch_size": 8,
+        "lr": 0.01,
+        "log_every": 1,
+        "val_every": 4,
+        "checkpoint_every": 5,
+        "progress": False,
+    }
     return ToyConfig(task="toy_regression", seed=7, train={**base, **train})
 
 
@@ -115,8 +122,13 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world: int, port: int, run_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
-                      RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     cfg = toy_cfg(checkpoint_every=100, val_every=100)
     Trainer(ToyTask(cfg, run_dir), run_dir).fit()

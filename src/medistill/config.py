@@ -53,7 +53,7 @@ class ExperimentConfig(StrictModel):
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=c`` overrides to a nested dict (values parsed as YAML, so ``1e-3``, ``true``, ``[1,2]``)."""
+    """Apply ``a.b=c`` overrides to a nested dict (values parsed as YAML: ``1e-3``, ``true``, ``[1,2]``)."""
     for item in overrides:
         if "=" not in item:
             raise MedistillError(f"override {item!r} is not of the form key.path=value")

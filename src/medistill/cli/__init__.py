@@ -23,8 +23,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-data_app = typer.Typer(help="Example data: list, fetch, path.", no_args_is_help=True)
-simulate_app = typer.Typer(help="Simulate training data from CT (DRRs, metal artifacts).", no_args_is_help=True)
+data_app = typer.Typer(help="Example data: list, fetch, path, check.", no_args_is_help=True)
+simulate_app = typer.Typer(
+    help="Simulate training data from CT (DRRs, metal artifacts).", no_args_is_help=True
+)
 report_app = typer.Typer(help="Figures and HTML reports.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(simulate_app, name="simulate")

@@ -9,14 +9,15 @@ from rich.console import Console
 from rich.table import Table
 
 from medistill.cli import app, report_app
-from medistill.config import load_config
 from medistill.errors import MedistillError
-from medistill.runs import open_run, prepare_run, write_json
 
 console = Console(stderr=True)
 
 
 def _train(config: Path, out: Path | None, overrides: list[str], overwrite: bool) -> Path:
+    from medistill.config import load_config
+    from medistill.runs import prepare_run
+
     cfg = load_config(config, overrides)
     run_dir = out or Path("runs") / cfg.name
     task = prepare_run(cfg, run_dir, overwrite=overwrite)
@@ -47,6 +48,8 @@ def _print_cases(result: dict) -> None:
 
 
 def _evaluate(run_dir: Path) -> dict:
+    from medistill.runs import open_run, write_json
+
     task = open_run(run_dir)
     out_dir = run_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -85,6 +88,8 @@ def predict(
         raise MedistillError(f"input not found: {input}")
     if out.resolve() == input.resolve():
         raise MedistillError(f"--out {out} is the input file; medistill never overwrites inputs")
+    from medistill.runs import open_run
+
     task = open_run(run)
     task.predict_file(task.load_models("best"), input, out)
     typer.echo(str(out))
@@ -95,6 +100,7 @@ def _report(run_dir: Path) -> Path:
 
     from medistill.report.figures import plot_training_curves
     from medistill.report.html import Section, write_report
+    from medistill.runs import open_run
 
     task = open_run(run_dir)
     eval_path = run_dir / "eval" / "metrics.json"
@@ -139,3 +145,23 @@ def run_all(
     run_dir = _train(config, out, set_, overwrite)
     _evaluate(run_dir)
     typer.echo(str(_report(run_dir)))
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="run folder"),
+    tolerance: float = typer.Option(1e-3, help="max allowed |onnx - torch| on the example input"),
+) -> None:
+    """Export the run's trained networks to RUN/export/<name>.onnx and check ONNX vs PyTorch outputs."""
+    from medistill.deploy.export import export_with_parity
+    from medistill.runs import open_run, write_json
+
+    task = open_run(run)
+    models = task.load_models("best")
+    report = {}
+    for name, example in task.example_inputs().items():
+        path = run / "export" / f"{name}.onnx"
+        diff = export_with_parity(models[name], example, path, tolerance=tolerance)
+        report[name] = {"onnx": str(path), "max_abs_diff": diff, "input_shape": list(example.shape)}
+        typer.echo(f"{path}  max |onnx - torch| = {diff:.2e}")
+    write_json(run / "export" / "parity.json", report)

@@ -146,7 +146,10 @@ class Trainer:
         ctx = StepContext(models, frozen, device, optimizers, scalers, tcfg.grad_clip, tcfg.amp, 0, info)
 
         logger = RunLogger(self.run_dir / (self.stage or "."), enabled=info.is_main)
-        start, best = 0, {"metric": self.task.val_metric, "mode": self.task.val_mode, "value": None, "step": -1}
+        start, best = (
+            0,
+            {"metric": self.task.val_metric, "mode": self.task.val_mode, "value": None, "step": -1},
+        )
         last = self.ckpt_path("last")
         if resume and last.exists():
             state = load_checkpoint(last)
@@ -167,8 +170,11 @@ class Trainer:
             len(train_set), tcfg.batch_size, self.cfg.seed, info.rank, info.world_size, start_step=start
         )
         loader = DataLoader(
-            train_set, batch_sampler=sampler, num_workers=tcfg.num_workers,
-            pin_memory=device.type == "cuda", persistent_workers=tcfg.num_workers > 0,
+            train_set,
+            batch_sampler=sampler,
+            num_workers=tcfg.num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=tcfg.num_workers > 0,
         )
         val_loader = None
         if val_set is not None:
@@ -235,7 +241,9 @@ class Trainer:
         }
 
     def _save_best(self, raw_models, best) -> None:
-        save_checkpoint(self._base_state(raw_models) | {"step": best["step"], "best": best}, self.ckpt_path("best"))
+        save_checkpoint(
+            self._base_state(raw_models) | {"step": best["step"], "best": best}, self.ckpt_path("best")
+        )
 
     def _save_last(self, step, raw_models, optimizers, schedulers, scalers, best) -> None:
         if not self.dist.is_main:

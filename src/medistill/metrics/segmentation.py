@@ -7,7 +7,7 @@ import torch
 
 
 def dice(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> float:
-    """Dice of two binary masks of the same shape; 1.0 when both are empty (nothing to find, nothing found)."""
+    """Dice of two binary masks of the same shape; 1.0 when both are empty."""
     p = np.asarray(pred.detach().cpu() if isinstance(pred, torch.Tensor) else pred).astype(bool)
     t = np.asarray(target.detach().cpu() if isinstance(target, torch.Tensor) else target).astype(bool)
     if p.shape != t.shape:

@@ -33,11 +33,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 def _img(path: Path) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode()
-    return f'<figure><img src="data:image/png;base64,{data}"><figcaption>{html.escape(Path(path).name)}</figcaption></figure>'
+    caption = html.escape(Path(path).name)
+    return f'<figure><img src="data:image/png;base64,{data}"><figcaption>{caption}</figcaption></figure>'
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.2em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+table{border-collapse:collapse;margin:.5em 0 1.2em}
+td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th{background:#f3f3f3}figure{display:inline-block;margin:.5em}img{max-width:100%;border:1px solid #ddd}
 figcaption{font-size:.8em;color:#666}pre{background:#f7f7f7;padding:.6em;overflow:auto}"""
 

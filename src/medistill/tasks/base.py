@@ -88,3 +88,9 @@ class Task(ABC):
         from medistill.errors import MedistillError
 
         raise MedistillError(f"task {self.cfg.task!r} does not predict on files")
+
+    def example_inputs(self) -> dict[str, torch.Tensor]:
+        """One example input per exportable network (``medistill export`` traces with these)."""
+        from medistill.errors import MedistillError
+
+        raise MedistillError(f"task {self.cfg.task!r} does not export networks")

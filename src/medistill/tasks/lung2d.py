@@ -104,7 +104,7 @@ def slab_split(n: int, slab: int) -> dict[str, np.ndarray]:
 
 
 class SliceSet(KeyedDataset):
-    """Axial slices ``(1, S, S)`` in [0, 1] with their lung masks; training adds flips and intensity jitter."""
+    """Axial slices ``(1, S, S)`` in [0, 1] with lung masks; training adds flips and intensity jitter."""
 
     def __init__(self, images: np.ndarray, masks: np.ndarray, augment: bool) -> None:
         self.images, self.masks, self.augment = images, masks, augment
@@ -189,6 +189,9 @@ class Lung2DTask(Task):
     # --- model and steps -------------------------------------------------------------------------
     def build_models(self) -> dict[str, torch.nn.Module]:
         return {"net": UNet(2, 1, 2, features=self.cfg.model.features)}
+
+    def example_inputs(self) -> dict[str, torch.Tensor]:
+        return {"net": torch.zeros(1, 1, self.cfg.data.size, self.cfg.data.size)}
 
     def _loss(self) -> DiceCELoss:
         if not hasattr(self, "_dice_ce"):

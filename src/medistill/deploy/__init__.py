@@ -1,0 +1,1 @@
+"""Deployment: ONNX export with parity checks, onnxruntime sessions, latency/params/FLOPs profiling."""
