@@ -1,0 +1,68 @@
+"""Every verb answers bad input with one clear line and a non-zero exit, writing nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medistill.cli import main
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err
+    return int(exc.value.code or 0), err
+
+
+@pytest.fixture
+def bad_files(tmp_path: Path) -> dict[str, Path]:
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "bad.yaml").write_text("task: lung2d\ntrain:\n  steps: -3\n")
+    (tmp_path / "typo.yaml").write_text("task: lung2d\ndata:\n  sise: 64\n")
+    (tmp_path / "broken.yaml").write_text("task: [unclosed\n")
+    return {p.name: p for p in tmp_path.iterdir()}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "{tmp}/missing.yaml"], "config file not found"),
+        (["train", "{tmp}/bad.yaml"], "train.steps: Input should be greater than 0"),
+        (["train", "{tmp}/typo.yaml"], "data.sise: unknown key (did you mean size?)"),
+        (["train", "{tmp}/broken.yaml"], "not valid YAML"),
+        (["train", "configs/demo.yaml", "--set", "train.lr=-1"], "train.lr: Input should be greater than 0"),
+        (["train", "configs/demo.yaml", "--set", "nonsense"], "not of the form key.path=value"),
+        (["evaluate", "{tmp}/no_run"], "not a medistill run folder"),
+        (["export", "{tmp}"], "not a medistill run folder"),
+        (["predict", "{tmp}", "{tmp}/missing.nii.gz", "--out", "{tmp}/o.nii.gz"], "input not found"),
+        (["data", "fetch", "chest-cta"], "chest-ct"),
+        (["data", "path", "nope"], "unknown"),
+    ],
+)
+def test_bad_input_one_line(args, message, bad_files, tmp_path, capsys) -> None:
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, err = run_cli([a.replace("{tmp}", str(tmp_path)) for a in args], capsys)
+    assert code != 0
+    assert message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing half-written
+
+
+def test_debug_flag_shows_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "medistill", "--debug", "train", str(tmp_path / "missing.yaml")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_help_lists_the_verbs() -> None:
+    proc = subprocess.run([sys.executable, "-m", "medistill", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for verb in ("data", "simulate", "train", "predict", "evaluate", "export", "report", "run"):
+        assert verb in proc.stdout
