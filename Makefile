@@ -26,7 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	bash benchmarks/setup_venv.sh
-	$(BIN)/python benchmarks/run_all.py
+	.venv-bench/bin/python benchmarks/run_all.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

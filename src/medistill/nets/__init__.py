@@ -1,0 +1,21 @@
+"""Networks. Importing this package registers every net in :data:`medistill.registry.NETS`."""
+
+from __future__ import annotations
+
+from medistill.nets.blocks import ConvNormAct, DoubleConv, UpSample, count_parameters
+from medistill.nets.lcovnet import LACB, LCOVNet
+from medistill.nets.teacher3d import DynUNetTeacher
+from medistill.nets.unet import UNet
+
+__all__ = [
+    "LACB",
+    "LACBH",
+    "LACBL",
+    "ConvNormAct",
+    "DoubleConv",
+    "DynUNetTeacher",
+    "LCOVNet",
+    "UNet",
+    "UpSample",
+    "count_parameters",
+]
