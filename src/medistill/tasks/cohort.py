@@ -1,0 +1,247 @@
+"""A synthetic multi-organ CT cohort from one labelled CT (seed C's WORD stand-in; DATA.md).
+
+WORD (Luo et al., "WORD: A large scale dataset, benchmark and clinical applicable study for abdominal
+organ segmentation from CT image", MedIA 2022) cannot be downloaded here, so we make N subjects from the
+``chest-ct`` example (a TotalSegmentator label map) by a random smooth deformation, an affine jitter and
+intensity/noise changes, cropped to the upper abdomen and resampled to a coarse spacing. Organs are
+relabelled to WORD's order (liver 1, spleen 2, kidneys 3/4, stomach 5, ...); an organ with fewer than
+``min_voxels`` voxels in the reference crop is dropped (and listed in ``dataset.json``'s description).
+Labels are sampled by nearest neighbour, never interpolated. Subjects come from seeded generators,
+one per subject, so the cohort is identical for a seed on any machine. The folder is MSD-style
+(``dataset.json``) plus ``splits.json`` (train/val/test case ids, split by subject), so the same task
+code trains on real data in MSD layout. Every table made from it must say "synthetic cohort from
+chest-ct": the subjects share one anatomy, so the numbers measure robustness to deformation and noise,
+not generalisation across patients.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medistill.errors import MedistillError
+from medistill.io.atomic import atomic_write_text
+from medistill.io.datasets import DatasetSpec, write_msd
+from medistill.io.images import Image, check_same_grid, read_image
+
+# WORD's label order (spec C.1) -> TotalSegmentator ids of chest-ct's structures.csv. Gallbladder,
+# rectum, bladder and femoral heads are not in the chest-ct scan; adrenals are a few hundred voxels.
+WORD_FROM_TOTALSEG: dict[str, tuple[int, ...]] = {
+    "liver": (5,),
+    "spleen": (1,),
+    "kidney_left": (3,),
+    "kidney_right": (2,),
+    "stomach": (6,),
+    "gallbladder": (4,),
+    "esophagus": (15,),
+    "pancreas": (7,),
+    "duodenum": (19,),
+    "colon": (20,),
+    "intestine": (18,),
+    "adrenal": (8, 9),
+}
+# organs whose bounding box defines the abdominal crop (the esophagus would pull it up to the neck)
+CROP_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "pancreas")
+SPLITS_FILE = "splits.json"
+
+
+@dataclass(frozen=True)
+class CohortSpec:
+    """How to make the cohort. Lengths in mm, angles in degrees, intensities in HU."""
+
+    n_subjects: int = 12
+    seed: int = 0
+    spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    margin_mm: float = 12.0
+    min_voxels: int = 200
+    split: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    deform_mm: float = 5.0  # std of the displacement at each control point
+    deform_points: int = 5  # control points per axis of the smooth displacement
+    rotate_deg: tuple[float, float, float] = (3.0, 3.0, 8.0)  # max about x, y, z (z: axial plane)
+    scale: float = 0.08  # max relative isotropic scale change
+    shift_mm: float = 8.0
+    noise_hu: tuple[float, float] = (5.0, 25.0)
+    gain: float = 0.05  # max relative change of (HU + 1000)
+    offset_hu: float = 20.0
+
+
+def _inflate(hu: torch.Tensor, affine: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """Average 2x2 in-plane voxels (anti-aliasing before coarse sampling); the affine follows."""
+    pooled = F.avg_pool3d(hu[None, None], kernel_size=(2, 2, 1), ceil_mode=True)[0, 0]
+    step = np.diag([2.0, 2.0, 1.0, 1.0])
+    step[:3, 3] = (0.5, 0.5, 0.0)  # pooled voxel i sits between source voxels 2i and 2i + 1
+    return pooled, affine @ step
+
+
+def _rotation(angles_rad: Sequence[float]) -> np.ndarray:
+    ax, ay, az = angles_rad
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _sample(volume: torch.Tensor, affine: np.ndarray, world_xyz: torch.Tensor, mode: str) -> torch.Tensor:
+    """Sample ``volume`` (``X Y Z``, voxel -> world ``affine``) at world points ``(*S, 3)``; 0 outside."""
+    inv = torch.from_numpy(np.linalg.inv(affine)).to(world_xyz)
+    idx = world_xyz @ inv[:3, :3].T + inv[:3, 3]
+    size = torch.tensor(volume.shape, dtype=idx.dtype)
+    grid = (2 * idx / (size - 1) - 1).flip(-1)  # grid_sample wants (W, H, D) = (Z, Y, X) order
+    out = F.grid_sample(
+        volume[None, None].float(), grid[None].float(), mode=mode, padding_mode="zeros", align_corners=True
+    )
+    return out[0, 0]
+
+
+class CohortMaker:
+    """Makes subjects from one CT + TotalSegmentator-style label map (e.g. chest-ct)."""
+
+    def __init__(self, ct: Image, labels: Image, spec: CohortSpec) -> None:
+        check_same_grid(ct, labels, "cohort CT", "cohort label map")
+        if ct.ndim != 3:
+            raise MedistillError(f"cohort: expected a 3D CT, got shape {ct.shape}")
+        self.spec = spec
+        src = np.ascontiguousarray(np.rint(np.asarray(labels.array)).astype(np.int64))
+        if src.min() < 0:
+            raise MedistillError("cohort: the label map holds negative values")
+        # reference crop in source voxels: bounding box of the main organs + margin
+        crop_ids = [i for name in CROP_ORGANS for i in WORD_FROM_TOTALSEG[name]]
+        in_crop = np.zeros(int(src.max()) + 1, dtype=bool)
+        in_crop[[i for i in crop_ids if i < len(in_crop)]] = True
+        where = np.argwhere(in_crop[src])
+        if not len(where):
+            raise MedistillError(f"cohort: none of the organs {CROP_ORGANS} is in the label map")
+        spacing = np.asarray(ct.spacing)
+        margin = np.ceil(spec.margin_mm / spacing).astype(int)
+        lo = np.maximum(where.min(0) - margin, 0)
+        hi = np.minimum(where.max(0) + margin + 1, src.shape)
+        # output grid: the crop's field of view at the target spacing, same axis directions as the CT
+        out_spacing = np.asarray(spec.spacing_mm, dtype=float)
+        self.shape = tuple(int(s) for s in np.floor((hi - lo) * spacing / out_spacing))
+        direction = ct.direction
+        self.affine = np.eye(4)
+        self.affine[:3, :3] = direction * out_spacing
+        start = ct.affine @ np.array([*(lo - 0.5), 1.0])  # corner of the crop
+        self.affine[:3, 3] = start[:3] + direction @ (out_spacing / 2)
+        # relabel to WORD order (a lookup table), keeping organs with enough voxels in the crop
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        counts = np.bincount(src[box].ravel(), minlength=len(in_crop))
+        voxel_ratio = float(np.prod(spacing) / np.prod(out_spacing))
+        lut = np.zeros(len(in_crop), dtype=np.uint8)
+        self.labels: dict[str, int] = {"background": 0}
+        self.dropped: dict[str, int] = {}
+        for name, ids in WORD_FROM_TOTALSEG.items():
+            present = [i for i in ids if i < len(counts)]
+            n_out = int(counts[present].sum() * voxel_ratio)
+            if n_out < spec.min_voxels:
+                self.dropped[name] = n_out
+                continue
+            self.labels[name] = len(self.labels)
+            lut[present] = self.labels[name]
+        # source tensors restricted to the crop + a band for the jitter to pull from
+        band = np.ceil((spec.shift_mm + 4 * spec.deform_mm + 40.0) / spacing).astype(int)
+        s_lo, s_hi = np.maximum(lo - band, 0), np.minimum(hi + band, src.shape)
+        sub = tuple(slice(a, b) for a, b in zip(s_lo, s_hi, strict=True))
+        shift = np.eye(4)
+        shift[:3, 3] = s_lo
+        self.src_affine = ct.affine @ shift
+        hu = torch.from_numpy(np.asarray(ct.array, dtype=np.float32)[sub].copy())
+        self.hu, self.hu_affine = _inflate(hu + 1024.0, self.src_affine)  # +1024: zero padding is air
+        self.word = torch.from_numpy(lut[src[sub]])
+        grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in self.shape], indexing="ij"), -1)
+        self.world = torch.from_numpy(grid @ self.affine[:3, :3].T + self.affine[:3, 3])  # (*S, 3) mm
+        self.centre = self.world.reshape(-1, 3).mean(0)
+
+    def subject(self, index: int) -> tuple[Image, Image]:
+        """Subject ``index``: (CT in HU as int16-valued float32, WORD-order label map uint8)."""
+        s = self.spec
+        rng = np.random.default_rng([s.seed, index])
+        rot = _rotation(np.deg2rad(rng.uniform(-1, 1, 3) * np.asarray(s.rotate_deg)))
+        zoom = 1.0 + rng.uniform(-s.scale, s.scale)
+        shift = rng.uniform(-s.shift_mm, s.shift_mm, 3)
+        coarse = rng.normal(0.0, s.deform_mm, (1, 3, *(s.deform_points,) * 3))
+        disp = F.interpolate(torch.from_numpy(coarse), size=self.shape, mode="trilinear", align_corners=True)[
+            0
+        ].permute(1, 2, 3, 0)  # (*S, 3) mm, smooth
+        matrix = torch.from_numpy(rot * zoom)
+        pts = (self.world - self.centre) @ matrix.T + self.centre + torch.from_numpy(shift) + disp
+        hu = _sample(self.hu, self.hu_affine, pts, "bilinear").numpy() - 1024.0
+        lab = _sample(self.word, self.src_affine, pts, "nearest").numpy().round().astype(np.uint8)
+        gain = 1.0 + rng.uniform(-s.gain, s.gain)
+        hu = (hu + 1000.0) * gain - 1000.0 + rng.uniform(-s.offset_hu, s.offset_hu)
+        hu = hu + rng.normal(0.0, rng.uniform(*s.noise_hu), hu.shape)
+        hu = np.clip(np.rint(hu), -1024, 3071).astype(np.float32)
+        return Image(hu, self.affine.copy()), Image(lab, self.affine.copy())
+
+    def subjects(self) -> Iterator[tuple[str, Image, Image]]:
+        for i in range(self.spec.n_subjects):
+            ct, lab = self.subject(i)
+            yield f"subject_{i:03d}", ct, lab
+
+
+def split_ids(ids: Sequence[str], fractions: Sequence[float], seed: int) -> dict[str, list[str]]:
+    """Seeded split of subject ids into train/val/test (each non-empty when there are >= 3 ids)."""
+    if len(ids) < 3:
+        raise MedistillError(f"a train/val/test split needs at least 3 subjects, got {len(ids)}")
+    order = [ids[i] for i in np.random.default_rng([seed, 7919]).permutation(len(ids))]
+    f = np.asarray(fractions, dtype=float) / float(np.sum(fractions))
+    n_val = max(1, int(round(f[1] * len(ids))))
+    n_test = max(1, int(round(f[2] * len(ids))))
+    n_train = len(ids) - n_val - n_test
+    if n_train < 1:
+        raise MedistillError(f"split {tuple(fractions)} leaves no training subject out of {len(ids)}")
+    return {
+        "train": sorted(order[:n_train]),
+        "val": sorted(order[n_train : n_train + n_val]),
+        "test": sorted(order[n_train + n_val :]),
+    }
+
+
+def make_cohort(
+    out: str | Path, spec: CohortSpec, ct: Image | None = None, labels: Image | None = None
+) -> DatasetSpec:
+    """Write the cohort to ``out`` (MSD layout + ``splits.json``); the source defaults to chest-ct."""
+    if ct is None or labels is None:
+        from medistill.io.examples import example_file
+
+        ct = read_image(example_file("chest-ct", "cxr.nii.gz"))
+        labels = read_image(example_file("chest-ct", "mask.nii.gz"))
+    maker = CohortMaker(ct, labels, spec)
+    if spec.n_subjects < 3:
+        raise MedistillError(f"a cohort needs at least 3 subjects (train/val/test), got {spec.n_subjects}")
+    dropped = ", ".join(f"{k} ({v} voxels)" for k, v in maker.dropped.items()) or "none"
+    description = (
+        f"synthetic cohort from chest-ct: {spec.n_subjects} subjects (seed {spec.seed}) by smooth "
+        f"deformation, affine jitter and intensity/noise changes, {maker.shape} voxels at "
+        f"{tuple(spec.spacing_mm)} mm; WORD-order labels; organs dropped (< {spec.min_voxels} voxels): "
+        f"{dropped}"
+    )
+    root = Path(out)
+    dataset = write_msd(
+        root,
+        ((cid, ct_i, lab_i) for cid, ct_i, lab_i in maker.subjects()),
+        maker.labels,
+        name="chest-ct-cohort",
+        description=description,
+        overwrite=True,
+    )
+    splits = split_ids([c.id for c in dataset.cases], spec.split, spec.seed)
+    atomic_write_text(root / SPLITS_FILE, json.dumps(splits, indent=2) + "\n")
+    return dataset
+
+
+def read_splits(root: str | Path) -> dict[str, list[str]] | None:
+    """``splits.json`` of a dataset folder (train/val/test case ids), or None when absent."""
+    path = Path(root) / SPLITS_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("train", "val", "test")):
+        raise MedistillError(f"{path}: expected {{'train': [...], 'val': [...], 'test': [...]}}")
+    return {k: [str(c) for c in data[k]] for k in ("train", "val", "test")}

@@ -1,0 +1,1 @@
+"""Image transforms shared by tasks (pure numpy: arrays in, arrays out, no I/O)."""
