@@ -124,7 +124,7 @@ def _report(run_dir: Path) -> Path:
         )
     sections.append(Section("Figures", figures=[Path(f) for f in result.get("figures", [])]))
     sections.append(Section("Training", figures=[curves]))
-    sections.append(Section("Configuration", (run_dir / "config.yaml").read_text()))
+    sections.append(Section("Configuration", (run_dir / "config.yaml").read_text(), pre=True))
     return write_report(run_dir / "report.html", f"medistill run: {run_dir.name} ({task.cfg.task})", sections)
 
 

@@ -15,6 +15,7 @@ from medistill.io.atomic import atomic_write_text
 class Section:
     title: str
     text: str = ""
+    pre: bool = False  # show text as preformatted (configs, logs)
     tables: list[tuple[list[str], list[list[object]]]] = field(default_factory=list)
     figures: list[Path] = field(default_factory=list)
 
@@ -53,7 +54,8 @@ def write_report(path: str | Path, title: str, sections: Sequence[Section]) -> P
     for s in sections:
         parts.append(f"<h2>{html.escape(s.title)}</h2>")
         if s.text:
-            parts.append(f"<p>{html.escape(s.text)}</p>")
+            tag = "pre" if s.pre else "p"
+            parts.append(f"<{tag}>{html.escape(s.text)}</{tag}>")
         parts.extend(_table(h, r) for h, r in s.tables)
         parts.extend(_img(f) for f in s.figures if Path(f).exists())
     parts.append("</body></html>")
