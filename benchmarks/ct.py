@@ -59,8 +59,15 @@ def geometries() -> dict[str, ct.CTGeometry]:
     return {
         "parallel": ct.geometry_preset("parallel512"),
         "fan-flat": ct.CTGeometry(
-            N, PIXEL_MM, VIEWS, BINS, 2 * SDD_MM * math.tan(half) / (BINS - 1), beam="fan", detector="flat",
-            sod_mm=SOD_MM, sdd_mm=SDD_MM,
+            N,
+            PIXEL_MM,
+            VIEWS,
+            BINS,
+            2 * SDD_MM * math.tan(half) / (BINS - 1),
+            beam="fan",
+            detector="flat",
+            sod_mm=SOD_MM,
+            sdd_mm=SDD_MM,
         ),  # fmt: skip
     }
 
@@ -89,8 +96,15 @@ def bench_skimage(hu: np.ndarray, repeat: int) -> dict[str, float]:
     mu_px = hu_to_mu_reference(torch.from_numpy(hu)).numpy() * PIXEL_MM  # per pixel
     theta = np.arange(VIEWS) * 180.0 / VIEWS
     t_fp, sino = timed(lambda: radon(mu_px, theta=theta, circle=False), repeat)
-    t_fbp, rec = timed(lambda: iradon(sino, theta=theta, filter_name="ramp", circle=False, output_size=N), repeat)
-    return {"fp_s": t_fp, "fbp_s": t_fbp, "rmse_hu": rmse_hu(rec / PIXEL_MM, hu), "bins": float(sino.shape[0])}
+    t_fbp, rec = timed(
+        lambda: iradon(sino, theta=theta, filter_name="ramp", circle=False, output_size=N), repeat
+    )
+    return {
+        "fp_s": t_fp,
+        "fbp_s": t_fbp,
+        "rmse_hu": rmse_hu(rec / PIXEL_MM, hu),
+        "bins": float(sino.shape[0]),
+    }
 
 
 def bench_astra(name: str, hu: np.ndarray, repeat: int) -> dict[str, float]:
@@ -148,7 +162,9 @@ def bench_astra(name: str, hu: np.ndarray, repeat: int) -> dict[str, float]:
 def bench_simulation(hu: np.ndarray, repeat: int) -> dict[str, float]:
     g = ct.geometry_preset("deeplesion416", pixel_mm=PIXEL_MM * N / 416)
     small = torch.nn.functional.interpolate(torch.from_numpy(hu)[None, None], size=(416, 416), mode="area")[0]
-    masks = torch.from_numpy(metal.random_metal_masks(small[0].numpy(), g.pixel_mm, 4, np.random.default_rng(0)))
+    masks = torch.from_numpy(
+        metal.random_metal_masks(small[0].numpy(), g.pixel_mm, 4, np.random.default_rng(0))
+    )
     t0 = time.perf_counter()
     ct.operator(g)
     build = time.perf_counter() - t0

@@ -34,7 +34,16 @@ from medistill.physics.materials import kramers_spectrum, mu_reference_to_hu
 
 INDEX = "index.csv"
 SETTINGS = "simulation.json"
-INDEX_COLUMNS = ("sample", "shard", "slice", "mask", "metal_px", "rmse_artifact_hu", "rmse_li_hu", "rmse_nmar_hu")
+INDEX_COLUMNS = (
+    "sample",
+    "shard",
+    "slice",
+    "mask",
+    "metal_px",
+    "rmse_artifact_hu",
+    "rmse_li_hu",
+    "rmse_nmar_hu",
+)
 
 
 def _parse_slices(text: str | None, depth: int) -> range:
@@ -43,7 +52,9 @@ def _parse_slices(text: str | None, depth: int) -> range:
     try:
         a, b = (int(v) if v else None for v in text.split(":"))
     except ValueError:
-        raise MedistillError(f"--slices: expected A:B (python slice of slice indices), got {text!r}") from None
+        raise MedistillError(
+            f"--slices: expected A:B (python slice of slice indices), got {text!r}"
+        ) from None
     chosen = range(depth)[slice(a, b)]
     if len(chosen) == 0:
         raise MedistillError(f"--slices {text} selects no slice of a volume with {depth} slices")
@@ -113,7 +124,8 @@ def simulate_slice(
         nm = mar_classical.nmar(out["sino_metal"], out["metal_trace"], geometry, scan.filter_name, li_mu=li)
         arrays["li_hu"], arrays["nmar_hu"] = mu_reference_to_hu(li), mu_reference_to_hu(nm)
     return {
-        name: v.cpu().numpy().astype(np.uint8 if v.dtype == torch.bool else np.float32) for name, v in arrays.items()
+        name: v.cpu().numpy().astype(np.uint8 if v.dtype == torch.bool else np.float32)
+        for name, v in arrays.items()
     }
 
 
@@ -128,7 +140,9 @@ def _index_rows(shard: Path, slice_index: int, arrays: dict[str, np.ndarray]) ->
             "rmse_artifact_hu": round(_rmse(t["artifact_hu"], t["clean_hu"], mask), 2),
         }  # fmt: skip
         for key in ("li", "nmar"):
-            row[f"rmse_{key}_hu"] = round(_rmse(t[f"{key}_hu"], t["clean_hu"], mask), 2) if f"{key}_hu" in t else ""
+            row[f"rmse_{key}_hu"] = (
+                round(_rmse(t[f"{key}_hu"], t["clean_hu"], mask), 2) if f"{key}_hu" in t else ""
+            )
         rows.append(row)
     return rows
 
@@ -138,13 +152,17 @@ def simulate_metal_cmd(
     ct_path: Path = typer.Argument(..., help="CT volume (NIfTI/MHA/DICOM folder) or one 2D DICOM slice, HU."),
     out: Path = typer.Option(..., "--out", help="Output folder (shards, index.csv, simulation.json)."),
     slices: str | None = typer.Option(None, "--slices", help="Slice range A:B along the third axis."),
-    masks_per_slice: int = typer.Option(1, "--masks-per-slice", min=1, help="Metal masks (samples) per slice."),
+    masks_per_slice: int = typer.Option(
+        1, "--masks-per-slice", min=1, help="Metal masks (samples) per slice."
+    ),
     geometry_name: str = typer.Option("deeplesion416", "--geometry", help=f"One of {sorted(ct.PRESETS)}."),
     photons: float = typer.Option(1e6, "--photons", help="Incident photons per bin and view (I0)."),
     metal_name: str = typer.Option("titanium", "--metal", help=f"Metal material: {', '.join(metal.METALS)}."),
     kvp: float = typer.Option(120.0, "--kvp", help="Tube voltage of the Kramers spectrum."),
     scatter: float = typer.Option(0.0, "--scatter-photons", help="Constant scatter photons per bin."),
-    mask_file: Path | None = typer.Option(None, "--mask-file", help="Use this 2D mask instead of random ones."),
+    mask_file: Path | None = typer.Option(
+        None, "--mask-file", help="Use this 2D mask instead of random ones."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives the same output."),
     baselines: bool = typer.Option(False, "--baselines", help="Also write LI and NMAR reconstructions."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
@@ -164,13 +182,16 @@ def simulate_metal_cmd(
         "scan": asdict(scan), "seed": seed, "masks_per_slice": masks_per_slice, "baselines": baselines,
         "mask_file": None if mask_file is None else str(mask_file),
         "arrays": "clean_hu artifact_hu free_hu [li_hu nmar_hu]: K H W HU; metal_mask: K H W uint8; "
-        "sino_clean (70 keV line integrals), sino_metal (measured, water-BHC): K V B; metal_trace: K V B uint8",
+        "sino_clean (70 keV line integrals), sino_metal (measured, water-BHC): K V B; "
+        "metal_trace: K V B uint8",
     }  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     settings_path = out / SETTINGS
     if settings_path.exists():
         previous = json.loads(settings_path.read_text())
-        if {k: previous.get(k) for k in settings if k != "input"} != {k: v for k, v in settings.items() if k != "input"}:
+        if {k: previous.get(k) for k in settings if k != "input"} != {
+            k: v for k, v in settings.items() if k != "input"
+        }:
             raise MedistillError(f"{out} holds a simulation with other settings; use a new --out folder")
     atomic_write_text(settings_path, json.dumps(settings, indent=2))
     hu_all = _resample(volume[chosen.start : chosen.stop : chosen.step], geometry.image_size)

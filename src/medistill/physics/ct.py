@@ -34,9 +34,10 @@ Sinograms are ``B V K`` line integrals (dimensionless).
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -250,13 +251,12 @@ class CTOperator:
     """System matrix of one geometry on one device: ``project`` (A), ``backproject`` (A^T), ``fbp``.
 
     The matrices hold the first ``V/R`` views (R = :meth:`CTGeometry.quarter_turns`); the other view
-    blocks are applied to the image turned by quarter turns. Build cost is seconds for clinical sizes;
+    blocks are applied to the image turned by quarter turns. Building takes tens of seconds at clinical
+    sizes on 2 CPU cores;
     use :func:`operator` to share one instance per geometry and device.
     """
 
-    def __init__(
-        self, geometry: CTGeometry, device: torch.device | str = "cpu", chunk: int = 1 << 22
-    ) -> None:
+    def __init__(self, geometry: CTGeometry, device: torch.device | str = "cpu") -> None:
         self.geometry = geometry
         self.device = torch.device(device)
         self.turns = geometry.quarter_turns()
@@ -298,10 +298,14 @@ class CTOperator:
         """CSR matrices (projector weights, FBP weights) sharing one index structure."""
         index_dtype = torch.int32 if int(crow[-1]) < 2**31 - 1 else torch.int64
         crow, cols = crow.to(index_dtype), cols.reshape(-1).to(index_dtype)
-        return tuple(
-            torch.sparse_csr_tensor(crow, cols, v.reshape(-1), size=(n_rows, n_cols), check_invariants=False)
-            for v in vals
-        )
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": we rely only on CSR @ dense
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return tuple(
+                torch.sparse_csr_tensor(
+                    crow, cols, v.reshape(-1), size=(n_rows, n_cols), check_invariants=False
+                )
+                for v in vals
+            )
 
     # ---- raw matmuls (no autograd); x: B H W, y: B V K ----
     def _turned_columns(self, x: Tensor) -> Tensor:
@@ -361,23 +365,23 @@ class CTOperator:
 
 class _Project(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, op: CTOperator, fbp: bool) -> Tensor:  # noqa: ANN001
+    def forward(ctx: Any, x: Tensor, op: CTOperator, fbp: bool) -> Tensor:
         ctx.op, ctx.fbp, ctx.dtype, ctx.device = op, fbp, x.dtype, x.device
         return op._apply_a(x, fbp).to(x.device, x.dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         return _Backproject.apply(grad, ctx.op, ctx.fbp).to(ctx.device, ctx.dtype), None, None
 
 
 class _Backproject(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y: Tensor, op: CTOperator, fbp: bool) -> Tensor:  # noqa: ANN001
+    def forward(ctx: Any, y: Tensor, op: CTOperator, fbp: bool) -> Tensor:
         ctx.op, ctx.fbp, ctx.dtype, ctx.device = op, fbp, y.dtype, y.device
         return op._apply_at(y, fbp).to(y.device, y.dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: ANN001
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         return _Project.apply(grad, ctx.op, ctx.fbp).to(ctx.device, ctx.dtype), None, None
 
 

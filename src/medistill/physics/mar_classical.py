@@ -4,8 +4,9 @@ Why: every MAR paper reports LI (Kalender et al., Radiology 164, 1987) and NMAR 
 37, 2010) next to its network, and DuDoNet-style inputs are LI sinograms. LI replaces the metal trace of
 each view by a straight line between the nearest unaffected bins. NMAR first divides the sinogram by the
 projection of a prior image (the LI image thresholded into air / soft tissue / bone), interpolates the
-flattened sinogram, and multiplies back, so tissue edges inside the trace survive. Deviation: the
-prior's thresholds are fixed HU values (documented below) instead of Meyer's k-means clustering.
+flattened sinogram, and multiplies back, so tissue edges inside the trace survive. Deviations: the
+prior's thresholds are fixed HU values instead of Meyer's k-means clustering, and a constant offset
+in the normalisation keeps rays through air (prior sinogram ~0) stable.
 """
 
 from __future__ import annotations
@@ -65,14 +66,16 @@ def nmar(
     geometry: ct.CTGeometry,
     filter_name: str = "ramp",
     li_mu: Tensor | None = None,
-    floor: float = 1e-3,
+    offset: float = 1.0,
 ) -> Tensor:
     """NMAR-corrected image ``B H W`` (1/mm at 70 keV). ``li_mu``: the LI image, if already computed.
 
-    The prior sinogram is floored at ``floor`` (line integral) so rays through air do not divide by 0.
+    Normalisation is ``(p + c) / (p_prior + c)`` with ``c = offset`` (line-integral units; 1 is about
+    50 mm of water): through tissue (``p_prior`` several units) this is Meyer's ratio, through air (prior
+    near 0, metal at the skin) it falls back to LI instead of dividing noise by ~0.
     """
     if li_mu is None:
         li_mu = li_mar(sinogram, trace, geometry, filter_name)
-    prior_sino = ct.project(nmar_prior(li_mu), geometry).clamp_min(floor)
-    flat = interpolate_trace(sinogram / prior_sino, trace)
-    return ct.fbp(flat * prior_sino, geometry, filter_name)
+    prior_sino = ct.project(nmar_prior(li_mu), geometry) + offset
+    flat = interpolate_trace((sinogram + offset) / prior_sino, trace)
+    return ct.fbp(flat * prior_sino - offset, geometry, filter_name)

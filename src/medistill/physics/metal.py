@@ -139,12 +139,14 @@ def random_metal_masks(
 ) -> np.ndarray:
     """``count`` masks ``K H W`` (bool), one object each, centred inside the body (HU > -300) and the FOV.
 
-    Objects are clipped to the inscribed circle of the image (the reconstruction field of view).
+    Objects are clipped to the body (HU > -500, so no metal floats in air) and to the inscribed circle of
+    the image (the reconstruction field of view).
     """
     n = body_hu.shape[-1]
     x, y = _grid(n, pixel_mm)
     fov = np.hypot(x, y) <= (n / 2 - 2) * pixel_mm
     inner = np.hypot(x, y) <= 0.8 * (n / 2) * pixel_mm
+    allowed = fov & (body_hu > -500) if (body_hu > -500).any() else fov
     candidates = np.argwhere((body_hu > -300) & inner)
     if len(candidates) == 0:
         candidates = np.argwhere(inner)
@@ -153,7 +155,7 @@ def random_metal_masks(
         for _ in range(20):  # resample empty or tiny objects
             r, c = candidates[int(rng.integers(len(candidates)))]
             kind = kinds[int(rng.integers(len(kinds)))]
-            masks[i] = metal_mask(kind, n, pixel_mm, (float(x[r, c]), float(y[r, c])), rng) & fov
+            masks[i] = metal_mask(kind, n, pixel_mm, (float(x[r, c]), float(y[r, c])), rng) & allowed
             if masks[i].sum() >= 4:
                 break
     return masks

@@ -42,7 +42,7 @@ def metal_figure(
 
     panels = [(key, name) for key, name in PANELS if key == "metal" or all(key in s for s in samples)]
     rows, cols = len(samples), len(panels)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.5 * rows), squeeze=False)
     lo, hi = window_hu
     for r, sample in enumerate(samples):
         clean, mask = sample["clean_hu"], sample["metal_mask"].astype(bool)
@@ -50,16 +50,22 @@ def metal_figure(
             ax = axes[r, c]
             shown = clean if key == "metal" else sample[key]
             ax.imshow(shown, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
-            if key == "metal":  # the metal in red over the clean slice
-                ax.imshow(np.ma.masked_where(~mask, mask), cmap="autumn", vmin=0, vmax=1, interpolation="nearest")
+            if key == "metal":  # the metal highlighted (yellow) over the clean slice
+                ax.imshow(
+                    np.ma.masked_where(~mask, mask), cmap="autumn", vmin=0, vmax=1, interpolation="nearest"
+                )
                 label = f"{name}\n{int(mask.sum())} px"
             else:
-                label = name if key == "clean_hu" else f"{name}\nRMSE {_rmse_outside(shown, clean, mask):.0f} HU"
+                label = (
+                    name if key == "clean_hu" else f"{name}\nRMSE {_rmse_outside(shown, clean, mask):.0f} HU"
+                )
             ax.set_title(label, fontsize=9)
             ax.axis("off")
         if titles is not None:
             axes[r, 0].text(2, 12, titles[r], color="yellow", fontsize=8)
-    fig.suptitle(f"metal artifact simulation, window [{lo:.0f}, {hi:.0f}] HU; RMSE outside the metal vs clean")
+    fig.suptitle(
+        f"metal artifact simulation, window [{lo:.0f}, {hi:.0f}] HU; RMSE outside the metal vs clean"
+    )
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
