@@ -69,14 +69,22 @@ def _siddon_error(
     return float(np.mean(np.abs(got[keep] - ref[keep]) / ref[keep]))
 
 
-def _time(fn, repeats: int) -> list[float]:
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _time(fn, repeats: int) -> tuple[list[float], list[float]]:
+    """Wall-clock and process CPU seconds (all threads) of each call after one warm-up. CPU time is
+    reported too because a shared machine's load inflates wall time far more than CPU time."""
     fn()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_s()
         fn()
-        times.append(time.perf_counter() - start)
-    return times
+        walls.append(time.perf_counter() - start)
+        cpus.append(_cpu_s() - cpu)
+    return walls, cpus
 
 
 def _pixels(height: int, n: int) -> np.ndarray:
@@ -99,7 +107,7 @@ def run_one(
 
             method = renderer.split(":")[1]
             drr = DRRRenderer(mu, torch.tensor(affine), lab if labels else None, method=method)
-            times = _time(lambda: drr.render(detector, pose), repeats)
+            times, cpus = _time(lambda: drr.render(detector, pose), repeats)
             image = drr.render(detector, pose, labels=False).line_integral[0].reshape(-1).numpy()
             source = pose.source_mm[0].numpy()
             targets = source + pixel_directions(detector, pose)[0].reshape(-1, 3).numpy()[pix]
@@ -130,7 +138,7 @@ def run_one(
                 height,
                 height,
             )
-            times = _time(lambda: render(*args, backend="torch"), repeats)
+            times, cpus = _time(lambda: render(*args, backend="torch"), repeats)
             out = render(*args, backend="torch")
             result["channels"] = int(out.shape[1]) if labels else 0
             image = out[0].sum(0).reshape(-1).numpy()
@@ -150,8 +158,9 @@ def run_one(
             rot = torch.zeros(1, 3)
             xyz = torch.tensor([[0.0, SID_MM, 0.0]])
             kwargs = {"parameterization": "euler_angles", "convention": "ZXY", "mask_to_channels": labels}
-            times = _time(lambda: drr(rot, xyz, **kwargs), repeats)
-            out = drr(rot, xyz, parameterization="euler_angles", convention="ZXY")
+            last: dict = {}
+            times, cpus = _time(lambda: last.update(out=drr(rot, xyz, **kwargs)), repeats)
+            out = last["out"]  # with labels: one channel per structure; error is only computed without
             from diffdrr.pose import convert
 
             source_t, target_t = drr.detector(
@@ -162,13 +171,10 @@ def run_one(
             affine = drr._affine[0].double().numpy()
             source = source_t[0, 0].double().numpy()
             targets = target_t[0].double().numpy()[pix]
-            result["channels"] = (
-                int(len(subject.structures))
-                if labels and hasattr(subject, "structures")
-                else (1 if labels else 0)
-            )
+            result["channels"] = int(last["out"].shape[1]) if labels else 0
     result.update(
         times_ms=[t * 1000 for t in times],
+        cpu_ms=[t * 1000 for t in cpus],
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )
     if not labels:
@@ -208,10 +214,15 @@ def main() -> None:
     parser.add_argument("--renderers", default=",".join(RENDERERS))
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per (renderer, case)")
     parser.add_argument("--json", type=Path, help="also write all results here")
+    parser.add_argument("--table-from", type=Path, help="print the table of a saved --json file and exit")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.table_from:
+        saved = json.loads(args.table_from.read_text())
+        print(_table(saved["rows"], saved["header"]))
+        return
     if args.one:
         renderer, height, spacing, labels = json.loads(args.one)
         print(json.dumps(run_one(renderer, height, spacing, labels, args.repeats, args.pixels, args.cache)))
@@ -250,30 +261,31 @@ def main() -> None:
             result.update(renderer=renderer, height=height, spacing=spacing, labels=labels)
             rows.append(result)
             print(json.dumps(result), file=sys.stderr, flush=True)
-    print(_table(rows, args.threads))
+    header = (
+        f"machine: {platform.processor() or platform.machine()}, nproc {os.cpu_count()}, torch threads "
+        f"{args.threads}, torch {torch.__version__}, load average at end {os.getloadavg()[0]:.1f}"
+    )
+    print(_table(rows, header))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=1))
 
 
-def _table(rows: list[dict], threads: int) -> str:
+def _table(rows: list[dict], header: str) -> str:
     lines = [
-        f"machine: {platform.processor() or platform.machine()}, nproc {os.cpu_count()}, "
-        f"torch threads {threads}, "
-        f"torch {torch.__version__}, load average at end {os.getloadavg()[0]:.1f}",
+        header,
         "",
-        "| case | renderer | ms per DRR (min / median / max) | peer median / medistill:auto median "
-        "| peak RSS MB "
-        "| mean rel. error vs Siddon |",
-        "|---|---|---|---|---|---|",
+        "| case | renderer | wall ms per DRR (min / median / max) | CPU ms per DRR (median) "
+        "| wall / medistill | CPU / medistill | peak RSS MB | mean rel. error vs Siddon |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         case = f"{row['height']}x{row['height']} @ {row['spacing']} mm" + (
             " + labels" if row["labels"] else ""
         )
         if "error" in row:
-            lines.append(f"| {case} | {row['renderer']} | not run: {row['error']} | | | |")
+            lines.append(f"| {case} | {row['renderer']} | not run: {row['error']} | | | | | |")
             continue
-        t = np.array(row["times_ms"])
+        wall, cpu = np.array(row["times_ms"]), np.array(row.get("cpu_ms", [np.nan]))
         ours = [
             r
             for r in rows
@@ -282,14 +294,18 @@ def _table(rows: list[dict], threads: int) -> str:
             and r["labels"] == row["labels"]
             and "times_ms" in r
         ]
-        speedup = f"{np.median(t) / np.median(ours[0]['times_ms']):.1f}x" if ours else ""
+        ratio_wall = f"{np.median(wall) / np.median(ours[0]['times_ms']):.1f}x" if ours else ""
+        ratio_cpu = (
+            f"{np.median(cpu) / np.median(ours[0]['cpu_ms']):.1f}x" if ours and "cpu_ms" in ours[0] else ""
+        )
         err = f"{row['rel_error'] * 100:.2f} %" if "rel_error" in row else "(same integrals)"
         if "unit_scale" in row:
-            err += f" (after unit scale {row['unit_scale']:.3g})"
+            err += f" (after unit scale {row['unit_scale']:.4f})"
         channels = f" [{row['channels']} ch]" if row.get("channels") else ""
         lines.append(
-            f"| {case} | {row['renderer']}{channels} | {t.min():.0f} / {np.median(t):.0f} / {t.max():.0f} "
-            f"| {speedup} | {row['peak_rss_mb']:.0f} | {err} |"
+            f"| {case} | {row['renderer']}{channels} | {wall.min():.0f} / {np.median(wall):.0f} / "
+            f"{wall.max():.0f} | {np.median(cpu):.0f} | {ratio_wall} | {ratio_cpu} "
+            f"| {row['peak_rss_mb']:.0f} | {err} |"
         )
     return "\n".join(lines)
 

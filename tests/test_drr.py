@@ -206,7 +206,8 @@ def test_volume_gradient_is_the_adjoint(method: str) -> None:
     assert float((mu.grad * mu.detach()).sum()) == pytest.approx(float(value), rel=1e-9)
 
 
-def test_labels_project_overlapping_structures_as_path_lengths() -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_labels_project_overlapping_structures_as_path_lengths(method: str) -> None:
     """Two boxes one behind the other on the AP axis: both masks are on at the centre pixel (overlap-aware,
     unlike the first-hit original), with path length = box depth; unrequested labels are ignored."""
     shape = (30, 40, 20)
@@ -215,7 +216,7 @@ def test_labels_project_overlapping_structures_as_path_lengths() -> None:
     labels[12:18, 25:35, 8:12] = 7  # 10 voxels deep
     labels[0:3, 0:3, 0:3] = 9
     mu = (labels > 0).double() * 0.02
-    renderer = DRRRenderer(mu, AFFINE, labels, label_ids=[7, 3])
+    renderer = DRRRenderer(mu, AFFINE, labels, label_ids=[7, 3], method=method)
     det = Detector(33, 33, (1.0, 1.0), 600.0)
     centre = (AFFINE @ torch.tensor([14.5, 20.0, 9.5, 1.0], dtype=torch.float64))[:3]
     out = renderer.render(det, view_pose("ap", centre, 400.0))
