@@ -81,7 +81,15 @@ class XrayDistill(StrictModel):
 class XrayInfer(StrictModel):
     preprocessing: str = Field("none", description="pre-processing of the model used by predict/export")
     model: Literal["teacher", "student_kd", "student"] = "student_kd"
-    threshold: float = Field(0.5, gt=0, lt=1)
+    threshold: float | Literal["val"] = Field(
+        "val", description="sigmoid threshold, or 'val': per model and class, the best on the validation DRRs"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> XrayInfer:
+        if isinstance(self.threshold, float) and not 0 < self.threshold < 1:
+            raise ValueError(f"infer.threshold must lie in (0, 1) or be 'val', got {self.threshold}")
+        return self
 
 
 class RealCase(StrictModel):
@@ -98,6 +106,11 @@ class XrayConfig(ExperimentConfig):
     distill: XrayDistill = XrayDistill()
     preprocessing: list[str] = Field(list(PREPROCESSING), min_length=1, description="methods to train")
     infer: XrayInfer = XrayInfer()
+    teacher_steps: int | None = Field(
+        None,
+        gt=0,
+        description="optimizer steps of the teacher stages (default: train.steps, as the students)",
+    )
     real_cases: list[RealCase] = Field([], description="optional labelled real radiographs to evaluate")
 
     @model_validator(mode="after")
@@ -122,13 +135,20 @@ def multilabel_affinity_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat([F.logsigmoid(logits.float()), none], dim=1)
 
 
-def overlay(image01: np.ndarray, masks: np.ndarray, classes: list[str], alpha: float = 0.45) -> np.ndarray:
-    """RGB ``H W 3`` of a grey image with each class mask (``C H W``) blended in its colour."""
+def overlay(image01: np.ndarray, masks: np.ndarray, classes: list[str], alpha: float = 0.2) -> np.ndarray:
+    """RGB ``H W 3`` of a grey image with each class mask (``C H W``): a light fill and a solid outline in
+    the class colour (outlines keep overlapping classes readable); outline width grows with the image."""
+    from scipy import ndimage
+
     rgb = np.repeat(np.clip(image01, 0, 1)[..., None], 3, axis=2).astype(np.float64)
+    width = max(1, round(max(image01.shape) / 256))
     order = sorted(range(len(classes)), key=lambda c: list(COLOURS).index(classes[c]))
     for c in order:
         m = masks[c].astype(bool)
-        rgb[m] = (1 - alpha) * rgb[m] + alpha * np.asarray(COLOURS[classes[c]])
+        colour = np.asarray(COLOURS[classes[c]])
+        rgb[m] = (1 - alpha) * rgb[m] + alpha * colour
+        edge = m & ~ndimage.binary_erosion(m, iterations=width, border_value=1)
+        rgb[edge] = colour
     return rgb
 
 
@@ -189,7 +209,10 @@ class XrayBonesTask(Task):
             )
         from medistill.io.examples import example_file
 
-        return tuple(example_file(d.example, f) for f in ("cxr.nii.gz", "mask.nii.gz", "structures.csv"))  # type: ignore[return-value]
+        ct, label, names = (
+            example_file(d.example, f) for f in ("cxr.nii.gz", "mask.nii.gz", "structures.csv")
+        )
+        return ct, label, names
 
     def renders(self) -> dict[str, dict[str, np.ndarray]]:
         """Cached DRR splits (rendered on first use into ``RUN/drr/``)."""
@@ -221,18 +244,24 @@ class XrayBonesTask(Task):
     def build_frozen(self) -> dict[str, torch.nn.Module]:
         if self.role != "student_kd":
             return {}
-        teacher = self.load_models("best", stage=f"{self.method}_teacher", role="teacher")["net"]
+        teacher = self.load_models("best", stage=f"{self.method}_teacher")["net"]
         return {"teacher": FrozenTeacher(teacher)}
 
     def fit(self) -> None:
         """Train teacher, student+KD and student-no-KD for every pre-processing (resumable stages)."""
         from medistill.engine.trainer import Trainer
 
-        for method in self.cfg.preprocessing:
-            for role in ROLES:
-                self.method, self.role = method, role
-                Trainer(self, self.run_dir, stage=f"{method}_{role}").fit()
-        self.method, self.role = self.cfg.infer.preprocessing, "teacher"
+        base = self.cfg.train
+        teacher = base.model_copy(update={"steps": self.cfg.teacher_steps or base.steps})
+        try:
+            for method in self.cfg.preprocessing:
+                for role in ROLES:
+                    self.method, self.role = method, role
+                    self.cfg.train = teacher if role == "teacher" else base
+                    Trainer(self, self.run_dir, stage=f"{method}_{role}").fit()
+        finally:
+            self.cfg.train = base
+            self.method, self.role = self.cfg.infer.preprocessing, "teacher"
 
     def _losses(self) -> tuple[DiceBCE, LogitKD, CAKD]:
         if not hasattr(self, "_loss_fns"):
@@ -270,9 +299,7 @@ class XrayBonesTask(Task):
         }
 
     # --- after training --------------------------------------------------------------------------
-    def load_models(
-        self, which: str = "best", stage: str = "", role: str | None = None
-    ) -> dict[str, torch.nn.Module]:
+    def load_models(self, which: str = "best", stage: str = "") -> dict[str, torch.nn.Module]:
         """One stage's ``{"net": model}`` if ``stage`` is given, else every trained stage by its name."""
         from medistill.engine.checkpoint import load_checkpoint
 
@@ -282,7 +309,7 @@ class XrayBonesTask(Task):
             path = self.run_dir / f"{name}_{which}.pt"
             if not path.exists():
                 continue
-            net = self.net(role or _role_of(name))
+            net = self.net(_role_of(name))
             net.load_state_dict(load_checkpoint(path)["models"]["net"])
             models["net" if stage else name] = net.eval()
         if not models:
@@ -312,27 +339,38 @@ class XrayBonesTask(Task):
         r = self.renders()
         truth = r["test"]["masks"].astype(bool)
         prior = r["train"]["masks"].mean(0) >= 0.5
-        thr = self.cfg.infer.threshold
-        cases: dict[str, dict[str, float]] = {
-            "prior (mean training mask)": self._dice_row(np.broadcast_to(prior, truth.shape), truth)
-        }
+        prior_row = self._dice_row(np.broadcast_to(prior, truth.shape), truth)
+        cases: dict[str, dict[str, float]] = {"prior (mean training mask)": prior_row}
+        tuned: dict[str, dict[str, float]] = {"prior (mean training mask)": prior_row}
+        thresholds: dict[str, list[float]] = {}
         preds: dict[str, np.ndarray] = {}
         inputs: dict[str, np.ndarray] = {}
         for name, net in models.items():
             method = _method_of(name)
             if method not in inputs:
                 inputs[method] = self.dataset("test", method)._fixed  # type: ignore[assignment]
-            preds[name] = self.predict_probs(net, inputs[method]) >= thr
-            cases[f"{method} / {ROLE_NAMES[_role_of(name)]}"] = self._dice_row(preds[name], truth)
+            probs = self.predict_probs(net, inputs[method])
+            row = f"{method} / {ROLE_NAMES[_role_of(name)]}"
+            cases[row] = self._dice_row(probs >= 0.5, truth)
+            best = self.val_thresholds(name, net)
+            thresholds[name] = best.tolist()
+            tuned[row] = self._dice_row(probs >= best[:, None, None], truth)
+            preds[name] = probs >= self.thresholds(name, net)[:, None, None]
         for case in self.cfg.real_cases:
             img, known, ref = self.read_labelled(case)
             for name, net in models.items():
-                pred = self.segment(net, _method_of(name), img, known, Path(case.image))
+                pred = self.segment(name, net, img, known, Path(case.image))
                 row = f"real {Path(case.image).name} / {_method_of(name)} / {ROLE_NAMES[_role_of(name)]}"
                 cases[row] = self._dice_row(pred[None], ref[None])
         poses = json.loads(str(r["test"]["poses"]))
         table = self._markdown(cases)
-        (Path(out_dir) / "dice_table.md").write_text(table)
+        table_tuned = self._markdown(tuned)
+        (Path(out_dir) / "dice_table.md").write_text(
+            "Threshold 0.5:\n\n"
+            + table
+            + "\nPer-class thresholds chosen on the validation DRRs:\n\n"
+            + table_tuned
+        )
         figures = [str(self._heldout_figure(preds, Path(out_dir) / "heldout_grid.png"))] if preds else []
         obl = [max(abs(p["angles_deg"][0]), abs(p["angles_deg"][1])) for p in poses]
         return {
@@ -343,6 +381,9 @@ class XrayBonesTask(Task):
                 f"training < {self.cfg.data.train_poses.obliquity_deg[1]:g})"
             ),
             "table_markdown": table,
+            "cases_val_thresholds": tuned,
+            "table_markdown_val_thresholds": table_tuned,
+            "val_thresholds": thresholds,
             "figures": figures,
         }
 
@@ -466,13 +507,34 @@ class XrayBonesTask(Task):
         )
         return t[0].numpy()
 
+    def val_thresholds(self, name: str, net: torch.nn.Module) -> np.ndarray:
+        """Per class, the sigmoid threshold (0.05..0.95) with the best Dice on the validation DRRs (poses of
+        the training range, never the test poses); cached per stage."""
+        cache = self.__dict__.setdefault("_val_thresholds", {})
+        if name not in cache:
+            probs = self.predict_probs(net, self.dataset("val", _method_of(name))._fixed)  # type: ignore[arg-type]
+            truth = self.renders()["val"]["masks"].astype(bool)
+            grid = np.round(np.arange(0.05, 0.96, 0.05), 2)
+            cache[name] = np.array(
+                [
+                    grid[np.argmax([dice(probs[:, k] >= t, truth[:, k]) for t in grid])]
+                    for k in range(len(self.classes))
+                ]
+            )
+        return cache[name]
+
+    def thresholds(self, name: str, net: torch.nn.Module) -> np.ndarray:
+        """The per-class thresholds ``infer.threshold`` asks for (a fixed value, or tuned on validation)."""
+        t = self.cfg.infer.threshold
+        return self.val_thresholds(name, net) if t == "val" else np.full(len(self.classes), float(t))
+
     def segment(
-        self, net: torch.nn.Module, method: str, img: Image, spacing_known: bool, src: Path
+        self, name: str, net: torch.nn.Module, img: Image, spacing_known: bool, src: Path
     ) -> np.ndarray:
-        """``C H W`` boolean masks of a 2D radiograph on its own pixel grid (``method``: pre-processing)."""
+        """``C H W`` boolean masks of a 2D radiograph on its own pixel grid by stage ``name``."""
         x01, geo = self.to_model_grid(img, spacing_known, src)
-        probs = self.predict_probs(net, prepare_input(x01, method)[None])[0]
-        return self.from_model_grid(probs, geo, img.shape) >= self.cfg.infer.threshold
+        probs = self.predict_probs(net, prepare_input(x01, _method_of(name))[None])[0]
+        return self.from_model_grid(probs, geo, img.shape) >= self.thresholds(name, net)[:, None, None]
 
     def read_labelled(self, case: RealCase) -> tuple[Image, bool, np.ndarray]:
         """A real radiograph, whether its spacing is known, and its reference masks ``C H W`` (bool)."""
@@ -501,7 +563,7 @@ class XrayBonesTask(Task):
         if key not in models:
             raise MedistillError(f"{self.run_dir}: stage {key} is not trained (have: {', '.join(models)})")
         img, known = self.read_input(Path(src))
-        masks = self.segment(models[key], infer.preprocessing, img, known, Path(src))
+        masks = self.segment(key, models[key], img, known, Path(src))
         geo_mm = self.input_mm_per_pixel(img, known)
         dst = Path(dst)
         if dst.exists() and not dst.is_dir():
@@ -511,7 +573,7 @@ class XrayBonesTask(Task):
         for c, m in zip(self.classes, masks, strict=True):
             write_image(img.with_array(m.astype(np.uint8) * 255), dst / f"{stem}_{c}.png", dtype=np.uint8)
         full01 = window(img.array.astype(np.float64), self.cfg.data.window_percentiles)
-        small = (slice(None, None, max(1, img.shape[0] // 1024)),) * 2  # keep the PNG light
+        small = (slice(None, None, -(-max(img.shape) // 800)),) * 2  # keep the overlay PNG light
         label = f"{infer.preprocessing} {ROLE_NAMES[infer.model]}"
         shown = overlay(full01[small], masks[:, small[0], small[1]], self.classes)
         grey = np.repeat(full01[small][..., None], 3, 2)
@@ -522,6 +584,7 @@ class XrayBonesTask(Task):
             "model": key,
             "pixel_spacing_known": known,
             "model_pixel_mm": self.pixel_mm,
+            "thresholds": dict(zip(self.classes, self.thresholds(key, models[key]).tolist(), strict=True)),
             "input_mm_per_pixel_used": geo_mm,
             "fraction_of_image_per_class": {
                 c: float(m.mean()) for c, m in zip(self.classes, masks, strict=True)

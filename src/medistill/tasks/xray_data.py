@@ -55,6 +55,10 @@ CLASS_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Bump when rendering changes so cached npz files are not reused (2: PA views mirrored for display).
+RENDER_VERSION = 2
+
+
 class PoseRange(StrictModel):
     """Poses around a frontal view: C-arm angles, distances and shifts, each drawn uniformly."""
 
@@ -233,7 +237,7 @@ def render(volume: Volume, poses: list[dict[str, Any]], size: int, field_mm: flo
     """Line integrals ``(N H W)`` float32 (mu x mm) and masks ``(N C H W)`` uint8 of ``poses``."""
     from medistill.engine.logging import make_progress
     from medistill.physics.drr import DRRRenderer
-    from medistill.physics.geometry import Detector, view_pose, volume_centre_mm
+    from medistill.physics.geometry import PRESET_MIRROR, Detector, view_pose, volume_centre_mm
 
     n_classes = int(volume.labels.max())
     renderer = DRRRenderer(
@@ -250,6 +254,7 @@ def render(volume: Volume, poses: list[dict[str, Any]], size: int, field_mm: flo
             det = Detector(
                 size, size, (pitch, pitch), p["sdd_mm"],
                 principal_point_px=(centre + p["detector_shift_px"][0], centre + p["detector_shift_px"][1]),
+                mirror=PRESET_MIRROR[p["view"]],  # PA is seen from behind the detector: patient's right left
             )  # fmt: skip
             angles = torch.tensor([p["angles_deg"]], dtype=torch.float64) * (math.pi / 180.0)
             pose = view_pose(
@@ -267,9 +272,9 @@ def render(volume: Volume, poses: list[dict[str, Any]], size: int, field_mm: flo
 
 
 def cache_key(d: XrayData, split: str, seed: int, sources: tuple[Path, ...]) -> str:
-    """Hash of everything that determines a split's renders (so a config change re-renders)."""
+    """Hash of everything that determines a split's renders (so a config or renderer change re-renders)."""
     fields = d.model_dump(mode="json", exclude={"augment", "window_percentiles"})
-    blob = json.dumps([fields, split, seed, [str(s) for s in sources]], sort_keys=True)
+    blob = json.dumps([RENDER_VERSION, fields, split, seed, [str(s) for s in sources]], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
