@@ -109,7 +109,7 @@ class DRRRenderer:
         *,
         method: str = "auto",
         oversample: float = 1.5,
-        chunk_slices: int = 32,
+        chunk_slices: int = 128,
     ) -> None:
         if mu_per_mm.ndim != 3:
             raise MedistillError(f"DRR needs a 3D volume, got shape {tuple(mu_per_mm.shape)}")
