@@ -37,8 +37,8 @@ def prepare_run(cfg: ExperimentConfig, run_dir: Path, overwrite: bool = False) -
                 "choose another --out, or pass --overwrite to start afresh there"
             )
     if overwrite and run_dir.exists():
-        for name in ("last.pt", "best.pt", "metrics.jsonl"):
-            for p in run_dir.rglob(name):
+        for pattern in ("*last.pt", "*best.pt", "metrics.jsonl"):  # every stage's checkpoints and logs
+            for p in run_dir.rglob(pattern):
                 p.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg_path, text)

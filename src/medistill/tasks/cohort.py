@@ -107,20 +107,23 @@ class CohortMaker:
         if ct.ndim != 3:
             raise MedistillError(f"cohort: expected a 3D CT, got shape {ct.shape}")
         self.spec = spec
-        src = np.ascontiguousarray(np.rint(np.asarray(labels.array)).astype(np.int64))
+        src = np.asarray(labels.array)
+        if not np.issubdtype(src.dtype, np.integer):
+            src = np.rint(src).astype(np.int64)
         if src.min() < 0:
             raise MedistillError("cohort: the label map holds negative values")
         # reference crop in source voxels: bounding box of the main organs + margin
         crop_ids = [i for name in CROP_ORGANS for i in WORD_FROM_TOTALSEG[name]]
         in_crop = np.zeros(int(src.max()) + 1, dtype=bool)
         in_crop[[i for i in crop_ids if i < len(in_crop)]] = True
-        where = np.argwhere(in_crop[src])
-        if not len(where):
+        organ = in_crop[src]
+        if not organ.any():
             raise MedistillError(f"cohort: none of the organs {CROP_ORGANS} is in the label map")
+        extent = [np.flatnonzero(organ.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)]
         spacing = np.asarray(ct.spacing)
         margin = np.ceil(spec.margin_mm / spacing).astype(int)
-        lo = np.maximum(where.min(0) - margin, 0)
-        hi = np.minimum(where.max(0) + margin + 1, src.shape)
+        lo = np.maximum(np.array([e[0] for e in extent]) - margin, 0)
+        hi = np.minimum(np.array([e[-1] for e in extent]) + margin + 1, src.shape)
         # output grid: the crop's field of view at the target spacing, same axis directions as the CT
         out_spacing = np.asarray(spec.spacing_mm, dtype=float)
         self.shape = tuple(int(s) for s in np.floor((hi - lo) * spacing / out_spacing))
@@ -245,3 +248,37 @@ def read_splits(root: str | Path) -> dict[str, list[str]] | None:
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("train", "val", "test")):
         raise MedistillError(f"{path}: expected {{'train': [...], 'val': [...], 'test': [...]}}")
     return {k: [str(c) for c in data[k]] for k in ("train", "val", "test")}
+
+
+def phantom_abdomen(shape: tuple[int, int, int] = (80, 80, 48), seed: int = 0) -> tuple[Image, Image]:
+    """A small analytic upper abdomen (HU image, TotalSegmentator-id labels) in LAS at 2 x 2 x 4 mm.
+
+    Ellipsoids for liver (5), spleen (1), kidneys (2 right, 3 left), stomach (6) and pancreas (7) inside
+    a water body with noise: a stand-in source for :class:`CohortMaker` in tests (milliseconds to make).
+    """
+    rng = np.random.default_rng(seed)
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    x, y, z = grid  # array axis 0 runs towards the patient's left (LAS), 1 anterior, 2 superior
+
+    def ellipsoid(cx: float, cy: float, cz: float, rx: float, ry: float, rz: float) -> np.ndarray:
+        return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 + ((z - cz) / rz) ** 2 < 1
+
+    hu = np.full(shape, -1000.0)
+    hu[(x / 0.9) ** 2 + (y / 0.75) ** 2 < 1] = 30.0
+    labels = np.zeros(shape, np.uint8)
+    organs = (
+        (5, 110.0, (-0.4, 0.1, 0.2, 0.4, 0.45, 0.6)),  # liver on the patient's right (low axis-0 index)
+        (1, 90.0, (0.5, -0.1, 0.3, 0.2, 0.25, 0.3)),  # spleen
+        (2, 150.0, (-0.35, -0.5, -0.4, 0.15, 0.15, 0.35)),  # right kidney
+        (3, 150.0, (0.35, -0.5, -0.35, 0.15, 0.15, 0.35)),  # left kidney
+        (6, -20.0, (0.25, 0.35, 0.3, 0.25, 0.2, 0.3)),  # stomach
+        (7, 70.0, (0.05, -0.1, -0.1, 0.3, 0.08, 0.12)),  # pancreas
+    )
+    for value, organ_hu, box in organs:
+        mask = ellipsoid(*box)
+        labels[mask] = value
+        hu[mask] = organ_hu
+    hu += rng.normal(0.0, 10.0, shape)
+    affine = np.diag([-2.0, 2.0, 4.0, 1.0])
+    affine[:3, 3] = (80.0, -80.0, -100.0)
+    return Image(hu.astype(np.float32), affine), Image(labels, affine.copy())
