@@ -22,6 +22,8 @@ demo: $(STAMP)
 	$(BIN)/medistill run configs/demo.yaml --out runs/demo
 
 test: $(STAMP)
+	# the real-data tests use these example sets (cached: no network the second time)
+	$(BIN)/medistill data fetch chest-ct radiographs
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
