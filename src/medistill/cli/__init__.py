@@ -25,7 +25,7 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Example data: list, fetch, path, check.", no_args_is_help=True)
 simulate_app = typer.Typer(
-    help="Simulate training data from CT (DRRs, metal artifacts).", no_args_is_help=True
+    help="Simulate training data from CT (DRRs, metal artifacts, synthetic cohorts).", no_args_is_help=True
 )
 report_app = typer.Typer(help="Figures and HTML reports.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
