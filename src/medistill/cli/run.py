@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -12,6 +13,14 @@ from medistill.cli import app, report_app
 from medistill.errors import MedistillError
 
 console = Console(stderr=True)
+
+# the options shared by `train` and `run`
+ConfigArg = Annotated[Path, typer.Argument(help="experiment YAML")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="run folder (default runs/<name>)")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="override a config value: a.b=c (repeatable)")
+]
+OverwriteOpt = Annotated[bool, typer.Option(help="start afresh in an existing run folder")]
 
 
 def _train(config: Path, out: Path | None, overrides: list[str], overwrite: bool) -> Path:
@@ -61,13 +70,10 @@ def _evaluate(run_dir: Path) -> dict:
 
 @app.command()
 def train(
-    config: Path = typer.Argument(..., help="experiment YAML"),
-    out: Path | None = typer.Option(None, "--out", help="run folder (default runs/<name>)"),
-    set_: list[str] = typer.Option([], "--set", help="override a config value: a.b=c (repeatable)"),
-    overwrite: bool = typer.Option(False, help="start afresh in an existing run folder"),
+    config: ConfigArg, out: OutOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False
 ) -> None:
     """Train the experiment described by CONFIG (resumes from RUN/last.pt if present)."""
-    run_dir = _train(config, out, set_, overwrite)
+    run_dir = _train(config, out, set_ or [], overwrite)
     typer.echo(str(run_dir))
 
 
@@ -136,13 +142,10 @@ def report_run(run: Path = typer.Argument(..., help="run folder")) -> None:
 
 @app.command("run")
 def run_all(
-    config: Path = typer.Argument(..., help="experiment YAML"),
-    out: Path | None = typer.Option(None, "--out", help="run folder (default runs/<name>)"),
-    set_: list[str] = typer.Option([], "--set", help="override a config value: a.b=c (repeatable)"),
-    overwrite: bool = typer.Option(False, help="start afresh in an existing run folder"),
+    config: ConfigArg, out: OutOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False
 ) -> None:
     """Train, evaluate and report in one go (the whole pipeline of CONFIG)."""
-    run_dir = _train(config, out, set_, overwrite)
+    run_dir = _train(config, out, set_ or [], overwrite)
     _evaluate(run_dir)
     typer.echo(str(_report(run_dir)))
 
