@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from medistill.errors import MedistillError
 from medistill.physics.attenuation import hu_to_mu
-from medistill.physics.drr import DRRRenderer, _warp_label_counts, beer_lambert, display_image
+from medistill.physics.drr import DRRRenderer, _warp_label_counts, banded_lerp, beer_lambert, display_image
 from medistill.physics.drr_reference import siddon_line_integrals
 from medistill.physics.geometry import (
     Detector,
@@ -299,3 +299,27 @@ def test_bad_input_is_rejected() -> None:
         DRRRenderer(mu, torch.eye(4)).line_integrals(
             Detector(4, 4, (1.0, 1.0), 10.0), view_pose("ap", torch.tensor([3.5, 3.5, 3.5]), 2.0)
         )
+
+
+@pytest.mark.parametrize("block", [4, 16, 64])
+def test_banded_lerp_matches_plain_interpolation(block: int) -> None:
+    """Banded products equal a direct linear interpolation, zero outside, including windows that slide
+    back at the end of the rows and blocks wider than the whole input."""
+    generator = torch.Generator().manual_seed(3)
+    n, n_valid, cols, q = 3, 20, 5, 45
+    voxels = torch.rand(n, n_valid, cols, generator=generator, dtype=torch.float64)
+    values = F.pad(voxels, (0, 0, 1, 1))  # one zero row on each side, no more
+    slope = torch.tensor([0.45, 0.7, 1.0], dtype=torch.float64)[:, None]
+    x = -1.5 + slope * torch.arange(q, dtype=torch.float64)  # starts before voxel 0, ends past the last
+    got = banded_lerp(values, x, n_valid, block=block)
+    padded = F.pad(voxels, (0, 0, 2, 2))  # voxel i at row i + 2; rows beyond are zeros
+    i0 = torch.floor(x).clamp(-2, n_valid)
+    w = (x - i0).clamp(0, 1)[..., None]
+    rows = (i0 + 2).long()
+    lo = torch.gather(padded, 1, rows[..., None].expand(-1, -1, cols))
+    hi = torch.gather(padded, 1, (rows + 1)[..., None].expand(-1, -1, cols))
+    expected = (1 - w) * lo + w * hi
+    assert torch.allclose(got, expected, atol=1e-12)
+    assert torch.allclose(
+        banded_lerp(values, x, n_valid, total=True, block=block), expected.sum(0), atol=1e-12
+    )
