@@ -295,6 +295,8 @@ def test_bad_input_is_rejected() -> None:
         DRRRenderer(torch.zeros(8, 8), torch.eye(4))
     with pytest.raises(MedistillError, match="label map shape"):
         DRRRenderer(mu, torch.eye(4), torch.zeros(8, 8, 7, dtype=torch.int64))
+    with pytest.raises(MedistillError, match="unknown DRR warp 'cubic'"):
+        DRRRenderer(mu, torch.eye(4), warp="cubic")
     with pytest.raises(MedistillError, match="inside the volume"):
         DRRRenderer(mu, torch.eye(4)).line_integrals(
             Detector(4, 4, (1.0, 1.0), 10.0), view_pose("ap", torch.tensor([3.5, 3.5, 3.5]), 2.0)

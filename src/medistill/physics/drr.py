@@ -439,26 +439,26 @@ def _warp_label_counts(counts: Tensor, grid: Tensor) -> tuple[Tensor, Tensor]:
         image = counts[c].reshape(-1)
         ys, xs = y[a:b, d:e], x[a:b, d:e]
         linear[c, a:b, d:e] = _bilinear_at(image, rows, cols, ys, xs)
-        yn, xn = torch.round(ys), torch.round(xs)
-        inside = (yn >= 0) & (yn <= rows - 1) & (xn >= 0) & (xn <= cols - 1)
-        nearest[c, a:b, d:e] = torch.where(inside, image[torch.where(inside, yn * cols + xn, 0).long()], 0.0)
+        nearest[c, a:b, d:e] = _pixel_at(image, rows, cols, torch.round(ys), torch.round(xs))
     return linear, nearest
+
+
+def _pixel_at(image: Tensor, rows: int, cols: int, y: Tensor, x: Tensor) -> Tensor:
+    """Pixels of a flattened (rows cols) image at integer-valued coordinates ``y``, ``x``; zeros outside."""
+    inside = (y >= 0) & (y <= rows - 1) & (x >= 0) & (x <= cols - 1)
+    return torch.where(inside, image[torch.where(inside, y * cols + x, 0).long()], 0.0)
 
 
 def _bilinear_at(image: Tensor, rows: int, cols: int, y: Tensor, x: Tensor) -> Tensor:
     """Bilinear samples of a flattened (rows cols) image at pixel coordinates ``y``, ``x``; zeros outside."""
     y0, x0 = torch.floor(y), torch.floor(x)
     wy, wx = y - y0, x - x0
-    out = torch.zeros_like(y)
-    for ty, tx, weight in (
-        (y0, x0, (1 - wy) * (1 - wx)),
-        (y0, x0 + 1, (1 - wy) * wx),
-        (y0 + 1, x0, wy * (1 - wx)),
-        (y0 + 1, x0 + 1, wy * wx),
-    ):
-        inside = (ty >= 0) & (ty <= rows - 1) & (tx >= 0) & (tx <= cols - 1)
-        out += torch.where(inside, image[torch.where(inside, ty * cols + tx, 0).long()] * weight, 0.0)
-    return out
+    return (
+        _pixel_at(image, rows, cols, y0, x0) * ((1 - wy) * (1 - wx))
+        + _pixel_at(image, rows, cols, y0, x0 + 1) * ((1 - wy) * wx)
+        + _pixel_at(image, rows, cols, y0 + 1, x0) * (wy * (1 - wx))
+        + _pixel_at(image, rows, cols, y0 + 1, x0 + 1) * (wy * wx)
+    )
 
 
 def banded_lerp(
