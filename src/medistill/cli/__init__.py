@@ -1,9 +1,10 @@
 """The ``medistill`` command line.
 
 Verbs live in sibling modules of this package; each module adds its commands to :data:`app` or to one
-of the verb groups below when imported, and every module here is imported by :func:`main`. A user
-error (:class:`~medistill.errors.MedistillError`, a missing file, a bad value) prints one line and
-exits with status 2; ``medistill --debug ...`` shows the traceback instead.
+of the verb groups below when imported, and every module here is imported by :func:`main`. A usage
+error prints the usage line and the problem, and a user error (:class:`~medistill.errors.MedistillError`,
+a missing file, a bad value) one line, both with exit status 2; anything unexpected prints one line and
+exits 1. ``medistill --debug ...`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -46,36 +47,40 @@ def _load_verbs() -> None:
             importlib.import_module(f"{__name__}.{info.name}")
 
 
-def fail(message: str) -> None:
-    """Print one error line and exit with status 2."""
+def fail(message: str, code: int = 2) -> None:
+    """Print one error line and exit with ``code`` (2: the user's input is wrong; 1: medistill failed)."""
     typer.echo(f"error: {message}", err=True)
-    raise SystemExit(2)
+    raise SystemExit(code)
+
+
+#: Errors that mean "the input is wrong": one line, exit status 2.
+USER_ERRORS = (MedistillError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``medistill`` console script."""
+    """Entry point of the ``medistill`` console script.
+
+    Usage errors (no arguments, a missing argument or option, an unknown option or verb) are typer's
+    own: the usage line and the problem on stderr, exit status 2. A user error raised by a verb prints
+    one line and exits 2; anything unexpected prints one line naming it, with a hint to re-run with
+    ``--debug`` (which shows the traceback instead), and exits 1.
+    """
     _load_verbs()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        app(args=argv, standalone_mode=False)
-    except (MedistillError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError) as exc:
+        app(args=argv, prog_name="medistill", standalone_mode=True)
+    except SystemExit as exc:  # standalone mode ends every call with one; success returns normally
+        if exc.code not in (0, None):
+            raise
+    except USER_ERRORS as exc:
         if debug:
             raise
         fail(str(exc) or type(exc).__name__)
-    except SystemExit:
-        raise
     except KeyboardInterrupt:
-        fail("interrupted")
-    except Exception as exc:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(exc, click.exceptions.Abort):
-            fail("aborted")
-        if isinstance(exc, click.ClickException):
-            if debug:
-                raise
-            fail(exc.format_message())
+        fail("interrupted", code=130)
+    except Exception as exc:  # anything unexpected: a bug in medistill or in a dependency
         if debug:
             raise
-        fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        fail(f"unexpected {type(exc).__name__}: {first} (run with --debug for the traceback)", code=1)
