@@ -26,7 +26,7 @@ import torch
 from medistill.io import examples
 from medistill.io.images import read_image
 from medistill.physics import ct, mar_classical, metal
-from medistill.physics.materials import hu_to_mu_reference, mu_reference_to_hu
+from medistill.physics.attenuation import hu_to_mu, mu_to_hu
 
 N, VIEWS, BINS, PIXEL_MM = 512, 720, 736, 0.703125
 SOD_MM, SDD_MM = 595.0, 1085.6
@@ -50,7 +50,7 @@ def load_slice(index: int = 66) -> np.ndarray:
 def rmse_hu(mu_rec: np.ndarray, hu: np.ndarray) -> float:
     c = np.arange(N) - (N - 1) / 2
     fov = np.hypot(*np.meshgrid(c, c, indexing="ij")) < N / 2 - 2
-    rec_hu = mu_reference_to_hu(torch.from_numpy(np.asarray(mu_rec, np.float32))).numpy()
+    rec_hu = mu_to_hu(torch.from_numpy(np.asarray(mu_rec, np.float32))).numpy()
     return float(np.sqrt(np.mean((rec_hu - hu)[fov] ** 2)))
 
 
@@ -73,7 +73,7 @@ def geometries() -> dict[str, ct.CTGeometry]:
 
 
 def bench_medistill(name: str, g: ct.CTGeometry, hu: np.ndarray, repeat: int) -> dict[str, float]:
-    mu = hu_to_mu_reference(torch.from_numpy(hu))[None]
+    mu = hu_to_mu(torch.from_numpy(hu))[None]
     t0 = time.perf_counter()
     op = ct.CTOperator(g)
     build = time.perf_counter() - t0
@@ -93,7 +93,7 @@ def bench_medistill(name: str, g: ct.CTGeometry, hu: np.ndarray, repeat: int) ->
 def bench_skimage(hu: np.ndarray, repeat: int) -> dict[str, float]:
     from skimage.transform import iradon, radon
 
-    mu_px = hu_to_mu_reference(torch.from_numpy(hu)).numpy() * PIXEL_MM  # per pixel
+    mu_px = hu_to_mu(torch.from_numpy(hu)).numpy() * PIXEL_MM  # per pixel
     theta = np.arange(VIEWS) * 180.0 / VIEWS
     t_fp, sino = timed(lambda: radon(mu_px, theta=theta, circle=False), repeat)
     t_fbp, rec = timed(
@@ -110,7 +110,7 @@ def bench_skimage(hu: np.ndarray, repeat: int) -> dict[str, float]:
 def bench_astra(name: str, hu: np.ndarray, repeat: int) -> dict[str, float]:
     import astra
 
-    mu_px = (hu_to_mu_reference(torch.from_numpy(hu)).numpy() * PIXEL_MM).astype(np.float32)
+    mu_px = (hu_to_mu(torch.from_numpy(hu)).numpy() * PIXEL_MM).astype(np.float32)
     vol = astra.create_vol_geom(N, N)
     if name == "parallel":
         angles = np.arange(VIEWS) * np.pi / VIEWS

@@ -13,16 +13,10 @@ from medistill.errors import MedistillError
 from medistill.io import examples
 from medistill.io.images import read_image
 from medistill.physics import ct, mar_classical, metal
-from medistill.physics.materials import (
-    REFERENCE_KEV,
-    decompose_water_bone,
-    hu_to_mu_reference,
-    kramers_spectrum,
-    material,
-    mu_reference_to_hu,
-)
+from medistill.physics.attenuation import EFFECTIVE_KEV, MU_WATER_PER_MM, hu_to_mu, mu_to_hu
+from medistill.physics.materials import decompose_water_bone, kramers_spectrum, material
 
-E0 = torch.tensor(REFERENCE_KEV)
+E0 = torch.tensor(EFFECTIVE_KEV)
 
 
 def test_nist_tables_match_known_values() -> None:
@@ -42,6 +36,19 @@ def test_nist_tables_match_known_values() -> None:
         material("water").mu_per_mm(torch.tensor(10.0))
 
 
+def test_mu_water_is_the_shipped_nist_table_at_the_effective_energy() -> None:
+    """One HU scale: MU_WATER_PER_MM is the water table at EFFECTIVE_KEV; HU 0 / -1000 map to it / 0."""
+    table = material("water")
+    assert float(table.mu_per_mm(E0)) == pytest.approx(MU_WATER_PER_MM, rel=1e-6)
+    # by hand: the 60 and 80 keV rows of xcom_water.csv, log-log interpolated at 70 keV, 1 g/cm3, 1/cm -> 1/mm
+    rows = dict(zip(table.energies_kev, table.mu_over_rho_cm2_g, strict=True))
+    t = math.log(EFFECTIVE_KEV / 60.0) / math.log(80.0 / 60.0)
+    by_hand = math.exp((1 - t) * math.log(rows[60.0]) + t * math.log(rows[80.0])) * table.density_g_cm3 / 10
+    assert by_hand == pytest.approx(MU_WATER_PER_MM, rel=1e-6)
+    mu = hu_to_mu(torch.tensor([-1000.0, 0.0, 1000.0], dtype=torch.float64))
+    assert mu.tolist() == pytest.approx([0.0, MU_WATER_PER_MM, 2 * MU_WATER_PER_MM], rel=1e-12)
+
+
 def test_kramers_spectrum() -> None:
     energies, weights = kramers_spectrum(120.0, filtration_mm_al=6.0)
     assert math.isclose(float(weights.sum()), 1.0, rel_tol=1e-9)
@@ -58,9 +65,9 @@ def test_water_bone_decomposition_reproduces_reference_attenuation() -> None:
     hu = torch.tensor([-1000.0, -500.0, 0.0, 100.0, 800.0, 1500.0, 2500.0])
     rho_w, rho_b = decompose_water_bone(hu)
     mu = rho_w * material("water").mu_per_mm(E0) + rho_b * material("bone").mu_per_mm(E0)
-    torch.testing.assert_close(mu.float(), hu_to_mu_reference(hu).float(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(mu.float(), hu_to_mu(hu).float(), rtol=1e-6, atol=1e-7)
     assert rho_b[:4].abs().max() == 0 and rho_w[-2:].abs().max() == 0  # pure water below, pure bone above
-    torch.testing.assert_close(mu_reference_to_hu(hu_to_mu_reference(hu[1:])), hu[1:], rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(mu_to_hu(hu_to_mu(hu[1:])), hu[1:], rtol=1e-5, atol=1e-3)
 
 
 def test_polychromatic_water_is_linearised_and_bone_hardens() -> None:
@@ -153,8 +160,8 @@ def test_metal_artifacts_then_li_then_nmar_on_real_slices(chest_slices: torch.Te
 
     artifact, li_err, nmar_err = (
         rmse(out["artifact_hu"]),
-        rmse(mu_reference_to_hu(li)),
-        rmse(mu_reference_to_hu(nm)),
+        rmse(mu_to_hu(li)),
+        rmse(mu_to_hu(nm)),
     )
     free = rmse(out["free_hu"])
     assert artifact > 2 * li_err  # streaks (measured 189 vs 62 HU): LI removes most of them

@@ -20,7 +20,7 @@ from medistill.cli import report_app, simulate_app
 from medistill.errors import MedistillError
 from medistill.io.atomic import atomic_path, atomic_write_text
 from medistill.io.images import Image, check_same_grid, read_image, write_image
-from medistill.physics.attenuation import MU_WATER_70KEV_PER_MM, hu_to_mu
+from medistill.physics.attenuation import EFFECTIVE_KEV, MU_WATER_PER_MM, hu_to_mu
 from medistill.physics.drr import METHODS, DRRRenderer, display_image
 from medistill.physics.geometry import (
     PRESET_MIRROR,
@@ -135,7 +135,9 @@ def simulate_drr(
     width: int = typer.Option(200, "--width", help="Detector columns."),
     spacing: float = typer.Option(2.0, "--spacing", help="Detector pixel size (mm)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random poses."),
-    mu_water: float = typer.Option(MU_WATER_70KEV_PER_MM, "--mu-water", help="mu of water (1/mm)."),
+    mu_water: float = typer.Option(
+        MU_WATER_PER_MM, "--mu-water", help=f"mu of water (1/mm); default: water at {EFFECTIVE_KEV:g} keV."
+    ),
     method: str = typer.Option("auto", "--method", help="auto | joseph | shear-warp."),
 ) -> None:
     """Render DRRs (line integrals, 16-bit PNG) and binary projected label masks from a CT."""

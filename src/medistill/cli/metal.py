@@ -30,7 +30,8 @@ from medistill.errors import MedistillError
 from medistill.io.atomic import atomic_path, atomic_write_text
 from medistill.io.images import read_image
 from medistill.physics import ct, mar_classical, metal
-from medistill.physics.materials import kramers_spectrum, mu_reference_to_hu
+from medistill.physics.attenuation import mu_to_hu
+from medistill.physics.materials import kramers_spectrum
 
 INDEX = "index.csv"
 SETTINGS = "simulation.json"
@@ -122,7 +123,7 @@ def simulate_slice(
     if baselines:
         li = mar_classical.li_mar(out["sino_metal"], out["metal_trace"], geometry, scan.filter_name)
         nm = mar_classical.nmar(out["sino_metal"], out["metal_trace"], geometry, scan.filter_name, li_mu=li)
-        arrays["li_hu"], arrays["nmar_hu"] = mu_reference_to_hu(li), mu_reference_to_hu(nm)
+        arrays["li_hu"], arrays["nmar_hu"] = mu_to_hu(li), mu_to_hu(nm)
     return {
         name: v.cpu().numpy().astype(np.uint8 if v.dtype == torch.bool else np.float32)
         for name, v in arrays.items()

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from medistill.physics import ct
-from medistill.physics.materials import hu_to_mu_reference, mu_reference_to_hu
+from medistill.physics.attenuation import hu_to_mu, mu_to_hu
 
 
 def interpolate_trace(sinogram: Tensor, trace: Tensor) -> Tensor:
@@ -53,11 +53,11 @@ def li_mar(sinogram: Tensor, trace: Tensor, geometry: ct.CTGeometry, filter_name
 
 def nmar_prior(li_mu: Tensor, air_hu: float = -500.0, bone_hu: float = 350.0) -> Tensor:
     """Meyer's prior ``B H W`` (1/mm): air (< ``air_hu``) -> 0, soft tissue -> water (0 HU), bone kept."""
-    hu = mu_reference_to_hu(li_mu)
+    hu = mu_to_hu(li_mu)
     prior_hu = torch.where(
         hu < air_hu, torch.full_like(hu, -1000.0), torch.where(hu < bone_hu, torch.zeros_like(hu), hu)
     )
-    return hu_to_mu_reference(prior_hu)
+    return hu_to_mu(prior_hu)
 
 
 def nmar(

@@ -10,7 +10,8 @@ material and a polychromatic spectrum (Zhang & Yu, IEEE TMI 37, 2018; ADN's ``si
   characteristic W K lines (58-69 keV); they change the mean energy by a few keV, not the artifacts' kind.
 - Water/bone decomposition follows the linear blend of Zhang & Yu: bone fraction ramps from 0 at
   ``water_hu`` to 1 at ``bone_hu``, and each material's density is chosen so that the mixture reproduces
-  the CT's attenuation at the reference energy exactly.
+  the CT's attenuation at the effective energy of :mod:`medistill.physics.attenuation` (70 keV), whose
+  ``hu_to_mu`` is the one HU -> mu conversion.
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ import torch
 from torch import Tensor
 
 from medistill.errors import MedistillError
+from medistill.physics.attenuation import EFFECTIVE_KEV, MU_WATER_PER_MM, hu_to_mu
 
 MATERIALS = ("water", "bone", "titanium", "iron", "aluminium")
-#: Energy at which HU are converted to attenuation (keV); mu_water(70 keV) = 0.0194 / mm.
-REFERENCE_KEV = 70.0
 
 
 @dataclass(frozen=True)
@@ -96,32 +96,21 @@ def effective_mu_per_mm(name: str, energies_kev: Tensor, weights: Tensor) -> flo
     return float((material(name).mu_per_mm(energies_kev) * weights).sum())
 
 
-def hu_to_mu_reference(hu: Tensor) -> Tensor:
-    """Attenuation (1/mm) at :data:`REFERENCE_KEV` of a CT in HU, clipped at 0 (air)."""
-    mu_water = float(material("water").mu_per_mm(torch.tensor(REFERENCE_KEV)))
-    return (mu_water * (1.0 + hu / 1000.0)).clamp_min(0.0)
-
-
-def mu_reference_to_hu(mu_per_mm: Tensor) -> Tensor:
-    """HU of an attenuation image (1/mm) at :data:`REFERENCE_KEV`."""
-    mu_water = float(material("water").mu_per_mm(torch.tensor(REFERENCE_KEV)))
-    return 1000.0 * (mu_per_mm / mu_water - 1.0)
-
-
 def decompose_water_bone(
     hu: Tensor, water_hu: float = 100.0, bone_hu: float = 1500.0
 ) -> tuple[Tensor, Tensor]:
     """Split a CT (HU, any shape) into water and bone *relative densities* (1 = the tabulated density).
 
     Bone fraction ``f = clip((HU - water_hu) / (bone_hu - water_hu), 0, 1)``; the water density is
-    ``(1 - f) mu / mu_water`` and the bone density ``f mu / mu_bone`` at :data:`REFERENCE_KEV`, so
-    ``rho_w mu_w(E0) + rho_b mu_b(E0) = mu(HU)`` exactly.
+    ``(1 - f) mu / mu_water`` and the bone density ``f mu / mu_bone`` at
+    :data:`~medistill.physics.attenuation.EFFECTIVE_KEV` (``mu`` from
+    :func:`~medistill.physics.attenuation.hu_to_mu`), so ``rho_w mu_w(E0) + rho_b mu_b(E0) = mu(HU)``
+    (to the 1e-7 by which :data:`~medistill.physics.attenuation.MU_WATER_PER_MM` rounds the water table).
     """
     if bone_hu <= water_hu:
         raise MedistillError(f"bone_hu ({bone_hu}) must exceed water_hu ({water_hu})")
-    e0 = torch.tensor(REFERENCE_KEV)
-    mu = hu_to_mu_reference(hu)
+    mu = hu_to_mu(hu)
     frac = ((hu - water_hu) / (bone_hu - water_hu)).clamp(0.0, 1.0)
-    rho_water = (1 - frac) * mu / float(material("water").mu_per_mm(e0))
-    rho_bone = frac * mu / float(material("bone").mu_per_mm(e0))
+    rho_water = (1 - frac) * mu / MU_WATER_PER_MM
+    rho_bone = frac * mu / float(material("bone").mu_per_mm(torch.tensor(EFFECTIVE_KEV)))
     return rho_water, rho_bone

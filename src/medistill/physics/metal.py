@@ -22,15 +22,8 @@ from torch import Tensor
 
 from medistill.errors import MedistillError
 from medistill.physics import ct
-from medistill.physics.materials import (
-    MATERIALS,
-    REFERENCE_KEV,
-    decompose_water_bone,
-    hu_to_mu_reference,
-    kramers_spectrum,
-    material,
-    mu_reference_to_hu,
-)
+from medistill.physics.attenuation import EFFECTIVE_KEV, MU_WATER_PER_MM, hu_to_mu, mu_to_hu
+from medistill.physics.materials import MATERIALS, decompose_water_bone, kramers_spectrum, material
 
 MASK_KINDS = ("ellipse", "screw", "cluster", "dental")
 METALS = ("titanium", "iron")
@@ -176,11 +169,15 @@ def check_metal_in_fov(masks: Tensor, geometry: ct.CTGeometry) -> None:
 def _water_bhc_table(
     energies: Tensor, weights: Tensor, max_mm: float = 2000.0, n: int = 4096
 ) -> tuple[Tensor, Tensor]:
-    """(polychromatic -log of water thickness T, mu_water(E0) T) for T in [0, max_mm]: the BHC curve."""
+    """(polychromatic -log of water thickness T, mu_water T) for T in [0, max_mm]: the BHC curve.
+
+    ``mu_water`` is :data:`~medistill.physics.attenuation.MU_WATER_PER_MM` (70 keV), so corrected water
+    reconstructs at 0 HU.
+    """
     mu_w = material("water").mu_per_mm(energies)
     thickness = torch.linspace(0, max_mm, n, dtype=torch.float64)
     poly = -torch.log((weights[None] * torch.exp(-thickness[:, None] * mu_w[None])).sum(1))
-    mono = thickness * float(material("water").mu_per_mm(torch.tensor(REFERENCE_KEV)))
+    mono = thickness * MU_WATER_PER_MM
     return poly, mono
 
 
@@ -248,16 +245,15 @@ def simulate_metal(
     measured_free = polychromatic_sinogram({"water": p_w_clean, "bone": p_b_clean}, scan, generator)
     recon = op.fbp(torch.cat([measured_metal, measured_free]), scan.filter_name)
     artifact_mu, free_mu = recon.split(b)
-    e0 = torch.tensor(REFERENCE_KEV)
-    mu_w0, mu_b0 = (float(material(m).mu_per_mm(e0)) for m in ("water", "bone"))
+    mu_b0 = float(material("bone").mu_per_mm(torch.tensor(EFFECTIVE_KEV)))
     return {
         "clean_hu": hu,
-        "artifact_hu": mu_reference_to_hu(artifact_mu),
-        "free_hu": mu_reference_to_hu(free_mu),
-        "clean_mu": hu_to_mu_reference(hu),
+        "artifact_hu": mu_to_hu(artifact_mu),
+        "free_hu": mu_to_hu(free_mu),
+        "clean_mu": hu_to_mu(hu),
         "artifact_mu": artifact_mu,
         "metal_mask": masks,
-        "sino_clean": mu_w0 * p_w_clean + mu_b0 * p_b_clean,
+        "sino_clean": MU_WATER_PER_MM * p_w_clean + mu_b0 * p_b_clean,
         "sino_metal": measured_metal,
         "metal_trace": p_metal > 0,
     }
