@@ -27,15 +27,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
-from monai.metrics import compute_hausdorff_distance
 from pydantic import Field
 from torch.utils.data import Dataset
 
 from medistill.config import ExperimentConfig, StrictModel
 from medistill.engine.data import KeyedDataset
 from medistill.errors import MedistillError
+from medistill.io.checks import read_ct
 from medistill.io.images import Image, read_image, write_image
-from medistill.metrics.segmentation import dice
+from medistill.metrics.segmentation import dice, score_structures, summary_markdown
+from medistill.metrics.segmentation import summarise as summarise_scores
 from medistill.registry import NETS, TASKS
 from medistill.tasks.base import Task
 from medistill.tasks.cohort import CohortSpec, make_cohort, read_splits
@@ -55,7 +56,7 @@ class CohortOptions(StrictModel):
     n_subjects: int = Field(12, ge=3)
     seed: int = 0
     spacing_mm: float = Field(3.0, gt=0)
-    min_voxels: int = Field(1000, ge=1, description="drop organs smaller than this in the crop")
+    min_volume_ml: float = Field(27.0, ge=0, description="organs smaller than this (ml) are left out")
 
 
 class Seg3DData(StrictModel):
@@ -284,7 +285,7 @@ class Seg3DTask(Task):
             if not (root / "dataset.json").exists():
                 c = d.cohort
                 spacing = (c.spacing_mm,) * 3
-                spec = CohortSpec(c.n_subjects, c.seed, spacing, min_voxels=c.min_voxels, split=d.split)
+                spec = CohortSpec(c.n_subjects, c.seed, spacing, min_volume_ml=c.min_volume_ml, split=d.split)
                 make_cohort(root, spec)
             path: Path = root
         else:
@@ -545,7 +546,7 @@ class Seg3DTask(Task):
 
     def predict_file(self, models: dict[str, torch.nn.Module], src: Path, dst: Path) -> Path:
         """Segment a CT with the distilled student; writes label values in the input's geometry."""
-        img = read_image(src)
+        img = read_ct(src, override=None)
         labels = self.predict_volume(models["student"], img)
         dtype = np.uint8 if max(self.values) < 256 else np.int16
         write_image(img.with_array(labels.astype(dtype)), dst, dtype=dtype)
@@ -640,61 +641,35 @@ class Seg3DTask(Task):
 
 def organ_scores(
     pred: np.ndarray, truth: np.ndarray, organs: dict[int, str], values: list[int], spacing: tuple[float, ...]
-) -> dict[str, float]:
-    """Dice and HD95 (mm, MONAI) per organ of label-value maps on the same grid; HD95 NaN if one is empty."""
-    out: dict[str, float] = {}
-    for k, name in organs.items():
-        p, t = pred == values[k], truth == values[k]
-        out[f"dice_{name}"] = dice(p, t)
-        if p.any() and t.any():
-            hd = compute_hausdorff_distance(
-                torch.from_numpy(p)[None, None],
-                torch.from_numpy(t)[None, None],
-                include_background=True,
-                percentile=95,
-                spacing=list(spacing),
-            )
-            out[f"hd95_{name}"] = float(hd.item())
-        else:
-            out[f"hd95_{name}"] = float("nan")
+) -> dict[str, float | str]:
+    """Dice, HD95 (mm) and status per organ of label-value maps on the same grid (shared metric rules: a
+    missed or hallucinated organ scores Dice 0 and HD95 = image diagonal; empty vs empty is NaN)."""
+    scores = score_structures(
+        {name: pred == values[k] for k, name in organs.items()},
+        {name: truth == values[k] for k, name in organs.items()},
+        spacing_mm=spacing,
+    )
+    out: dict[str, float | str] = {}
+    for name, s in scores.items():
+        out |= {f"dice_{name}": s["dice"], f"hd95_{name}": s["hd95_mm"], f"status_{name}": s["status"]}
     return out
 
 
-def summarise(cases: dict[str, dict[str, float]], organs: dict[int, str]) -> dict[str, dict[str, float]]:
-    """Mean and std over cases of each organ's Dice and HD95 (NaN-aware)."""
-    out = {}
-    for name in organs.values():
-        d = np.asarray([c[f"dice_{name}"] for c in cases.values()], dtype=float)
-        h = np.asarray([c[f"hd95_{name}"] for c in cases.values()], dtype=float)
-        finite = h[np.isfinite(h)]
-        out[name] = {
-            "dice": float(d.mean()),
-            "dice_std": float(d.std()),
-            "hd95_mm": float(finite.mean()) if finite.size else float("nan"),
-            "hd95_std": float(finite.std()) if finite.size else float("nan"),
+def summarise(cases: dict[str, dict[str, Any]], organs: dict[int, str]) -> dict[str, dict[str, Any]]:
+    """Per organ: mean and SD over cases of Dice and HD95, n, misses, false positives, empty exclusions."""
+    nested = {
+        cid: {
+            n: {"dice": c[f"dice_{n}"], "hd95_mm": c[f"hd95_{n}"], "status": c[f"status_{n}"]}
+            for n in organs.values()
         }
-    return out
+        for cid, c in cases.items()
+    }
+    return summarise_scores(nested)["structures"]
 
 
-def per_organ_markdown(per_organ: dict[str, dict[str, dict[str, float]]], organs: dict[int, str]) -> str:
-    """A markdown table: organ x model, Dice % and HD95 mm (mean +- std)."""
-    models = list(per_organ)
-    head = "| organ | " + " | ".join(f"{m} Dice % | {m} HD95 mm" for m in models) + " |\n"
-    head += "|---|" + "---:|---:|" * len(models) + "\n"
-    rows = []
-    for name in [*organs.values(), "mean"]:
-        cells = []
-        for m in models:
-            if name == "mean":
-                vals = per_organ[m].values()
-                dm = np.nanmean([v["dice"] for v in vals])
-                hm = np.nanmean([v["hd95_mm"] for v in vals])
-                cells.append(f"**{100 * dm:.1f}** | **{hm:.1f}**")
-            else:
-                v = per_organ[m][name]
-                cells.append(
-                    f"{100 * v['dice']:.1f} ± {100 * v['dice_std']:.1f} | "
-                    f"{v['hd95_mm']:.1f} ± {v['hd95_std']:.1f}"
-                )
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    return head + "\n".join(rows) + "\n"
+def per_organ_markdown(per_organ: dict[str, dict[str, dict[str, Any]]], organs: dict[int, str]) -> str:
+    """A markdown table: organ x model, Dice % and HD95 mm (mean ± SD over cases), n and miss counts."""
+    return summary_markdown(
+        {m: {"structures": {name: s[name] for name in organs.values()}} for m, s in per_organ.items()},
+        unit="test cases",
+    )

@@ -43,7 +43,7 @@ from medistill.distill.teacher import FrozenTeacher
 from medistill.errors import MedistillError
 from medistill.io.images import Image, read_image, read_radiograph, write_image
 from medistill.losses.segmentation import DiceBCE
-from medistill.metrics.segmentation import dice
+from medistill.metrics.segmentation import dice, rows_markdown, summarise_batch, summary_row
 from medistill.nets.unet import UNet
 from medistill.registry import TASKS
 from medistill.tasks.base import Task
@@ -292,11 +292,8 @@ class XrayBonesTask(Task):
         for batch in loader:
             preds.append(torch.sigmoid(ctx.models["net"](batch["image"].to(ctx.device))).cpu() >= 0.5)
             truths.append(batch["masks"].bool())
-        p, t = torch.cat(preds), torch.cat(truths)
-        per_class = {c: dice(p[:, k], t[:, k]) for k, c in enumerate(self.classes)}
-        return {"dice": float(np.mean(list(per_class.values())))} | {
-            f"dice_{c}": v for c, v in per_class.items()
-        }
+        row = summary_row(summarise_batch(torch.cat(preds), torch.cat(truths), self.classes))
+        return {"dice": float(row["mean"])} | {f"dice_{c}": float(row[c]) for c in self.classes}
 
     # --- after training --------------------------------------------------------------------------
     def load_models(self, which: str = "best", stage: str = "") -> dict[str, torch.nn.Module]:
@@ -387,19 +384,13 @@ class XrayBonesTask(Task):
             "figures": figures,
         }
 
-    def _dice_row(self, pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-        """Mean over images of each class's Dice, and the mean over classes."""
-        row = {
-            c: float(np.mean([dice(pred[i, k], truth[i, k]) for i in range(len(truth))]))
-            for k, c in enumerate(self.classes)
-        }
-        return row | {"mean": float(np.mean(list(row.values())))}
+    def _dice_row(self, pred: np.ndarray, truth: np.ndarray) -> dict[str, float | int]:
+        """``N C H W`` masks: per class the mean Dice over images (a missed or hallucinated class scores 0,
+        empty vs empty is excluded), ``mean`` +- ``mean_sd`` over images, and the counts."""
+        return summary_row(summarise_batch(pred, truth, self.classes))
 
-    def _markdown(self, cases: dict[str, dict[str, float]]) -> str:
-        cols = [*self.classes, "mean"]
-        lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        lines += [f"| {k} | " + " | ".join(f"{v[c]:.3f}" for c in cols) + " |" for k, v in cases.items()]
-        return "\n".join(lines) + "\n"
+    def _markdown(self, cases: dict[str, dict[str, float | int]]) -> str:
+        return rows_markdown(cases, self.classes, unit="images")
 
     def _heldout_figure(self, preds: dict[str, np.ndarray], out: Path, n: int = 4) -> Path:
         r = self.renders()["test"]
