@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import replace
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -133,6 +135,78 @@ def test_quarter_turn_symmetry_equals_unrolled_matrix(name: str) -> None:
         unrolled = ct.CTOperator(g)
     torch.testing.assert_close(folded.project(x), unrolled.project(x), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(folded.backproject(y), unrolled.backproject(y), rtol=1e-5, atol=1e-3)
+
+
+# a small fan geometry: its matrices build in milliseconds
+SMALL = replace(GEOMETRIES["fan-flat"], image_size=32, n_views=16, n_bins=47)
+
+
+def _same_matrices(a: ct.CTOperator, b: ct.CTOperator) -> bool:
+    ma, mb = a.matrices(), b.matrices()
+    return ma.keys() == mb.keys() and all(
+        ma[k].dtype == mb[k].dtype and torch.equal(ma[k], mb[k]) for k in ma
+    )
+
+
+@pytest.fixture
+def disk_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The medistill cache in ``tmp_path``, disk cache on, in-process cache empty (as in a new process)."""
+    monkeypatch.setenv("MEDISTILL_DATA", str(tmp_path))
+    monkeypatch.delenv(ct.DISK_CACHE_ENV, raising=False)
+    ct._CACHE.clear()
+    yield tmp_path / ct.DISK_CACHE_FOLDER
+    ct._CACHE.clear()
+
+
+def test_matrices_are_built_once_then_loaded_identically(disk_cache: Path) -> None:
+    first = ct.operator(SMALL)
+    assert [p.name for p in disk_cache.iterdir()] == [f"{ct.matrix_key(SMALL)}.pt"]
+    ct._CACHE.clear()  # a second process: nothing in memory
+    with mock.patch.object(ct.CTOperator, "_build", side_effect=AssertionError("built again")):
+        second = ct.operator(SMALL)
+    assert second is not first and _same_matrices(first, second)
+    x = torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(first.fbp(first.project(x)), second.fbp(second.project(x)))
+
+
+def test_every_geometry_field_and_the_device_type_change_the_key() -> None:
+    g = SMALL
+    changed = dict(
+        image_size=33, pixel_mm=1.01, n_views=17, n_bins=48, bin_spacing=g.bin_spacing * 1.01, beam="parallel",
+        detector="arc", sod_mm=301.0, sdd_mm=601.0, angle_range_rad=6.0, angle_start_rad=0.1, bin_offset=0.25,
+    )  # fmt: skip
+    assert set(changed) == {f.name for f in dataclasses.fields(g)}
+    keys = {ct.matrix_key(replace(g, **{name: value})) for name, value in changed.items()}
+    keys |= {ct.matrix_key(g), ct.matrix_key(g, "cuda"), ct.matrix_key(replace(g, sod_mm=g.sod_mm + 1e-9))}
+    assert len(keys) == len(changed) + 3
+    assert ct.matrix_key(replace(g)) == ct.matrix_key(g)  # equal geometries share the file
+
+
+def test_damaged_cache_files_are_rebuilt_not_a_crash(disk_cache: Path) -> None:
+    reference = ct.operator(SMALL, disk_cache=False)
+    ct._CACHE.clear()
+    path = disk_cache / f"{ct.matrix_key(SMALL)}.pt"
+    path.parent.mkdir(parents=True)
+    other = ct.CTOperator(replace(SMALL, n_bins=45))  # loads fine, but its matrices do not fit
+    torch.save(other.matrices(), path)
+    for damage in ("wrong matrices", "truncated"):
+        if damage == "truncated":
+            path.write_bytes(path.read_bytes()[:1000])
+        with pytest.warns(UserWarning, match="cache file"):
+            op = ct.operator(SMALL)
+        assert _same_matrices(op, reference)
+        ct._CACHE.clear()
+        with mock.patch.object(ct.CTOperator, "_build", side_effect=AssertionError("built again")):
+            assert _same_matrices(ct.operator(SMALL), reference)  # the rebuilt file is whole again
+        ct._CACHE.clear()
+
+
+def test_disk_cache_can_be_switched_off(disk_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ct.operator(SMALL, disk_cache=False)
+    monkeypatch.setenv(ct.DISK_CACHE_ENV, "off")
+    ct._CACHE.clear()
+    ct.operator(SMALL)
+    assert not disk_cache.exists()
 
 
 @pytest.mark.parametrize("name", GEOMETRIES)

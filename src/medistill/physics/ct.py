@@ -36,6 +36,11 @@ Sinograms are ``B V K`` line integrals (dimensionless).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
+import inspect
+import json
 import math
 import warnings
 from collections import OrderedDict
@@ -259,25 +264,41 @@ class CTOperator:
     sizes on 2 CPU cores; use :func:`operator` to share one instance per geometry and device.
     """
 
-    def __init__(self, geometry: CTGeometry, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        geometry: CTGeometry,
+        device: torch.device | str = "cpu",
+        matrices: dict[str, Tensor] | None = None,
+    ) -> None:
+        """Build the matrices of ``geometry`` on ``device``, or take them from ``matrices`` (as returned by
+        :meth:`matrices`, e.g. loaded from the disk cache; checked, :class:`MedistillError` if they do not
+        fit the geometry)."""
         self.geometry = geometry
         self.device = torch.device(device)
         self.turns = geometry.quarter_turns()
-        g, dev = geometry, self.device
-        n, vq, nb = g.image_size, g.n_views // self.turns, g.n_bins
-        axis = (torch.arange(n, dtype=torch.float32, device=dev) - (n - 1) / 2) * g.pixel_mm
-        ys, xs = (t.reshape(-1) for t in torch.meshgrid(axis, axis, indexing="ij"))
-        angles = g.angles_rad(dev)[:vq]
-        # A (rows = rays) and A^T (rows = pixels): Joseph's ray-driven projector
-        a_ray, a_pix = self._joseph(angles)
+        g = geometry
         # Parallel beams: FBP back-projects with A^T (as ASTRA's FBP does): summed over the rays that
         # cross a pixel, Joseph's weights give pixel^2 / bin_spacing per view times a linear interpolation
         self._fbp_scale = 1.0
         if g.beam == "parallel":
             step = g.angle_range_rad / g.n_views
             self._fbp_scale = step * math.pi / g.angle_range_rad * g.bin_spacing / g.pixel_mm**2
-            self._a, self._at = (a_ray,), (a_pix,)
-            return
+        if matrices is None:
+            self._a, self._at = self._build()
+        else:
+            self._a, self._at = self._unpack(matrices)
+
+    def _build(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """``(A-like matrices, their transposes)``: ``(A,), (A^T,)`` parallel; ``(A, B^T), (A^T, B)`` fan."""
+        g, dev = self.geometry, self.device
+        n, vq, nb = g.image_size, g.n_views // self.turns, g.n_bins
+        axis = (torch.arange(n, dtype=torch.float32, device=dev) - (n - 1) / 2) * g.pixel_mm
+        ys, xs = (t.reshape(-1) for t in torch.meshgrid(axis, axis, indexing="ij"))
+        angles = g.angles_rad(dev)[:vq]
+        # A (rows = rays) and A^T (rows = pixels): Joseph's ray-driven projector
+        a_ray, a_pix = self._joseph(angles)
+        if g.beam == "parallel":
+            return (a_ray,), (a_pix,)
         # Fan beams: FBP back-projector B (rows = pixels) and B^T (rows = rays, for gradients through fbp):
         # pixel-driven linear interpolation in the detector coordinate
         k, _, w_fbp = _detector_coords(g, angles, xs, ys)  # Vq P, float32
@@ -306,7 +327,56 @@ class CTOperator:
         crow = torch.zeros(vq * nb + 1, dtype=torch.int64, device=dev)
         crow[1:] = torch.cumsum(torch.bincount(rays.reshape(-1), minlength=vq * nb), 0)
         b_ray = self._csr(crow, pix, vals, vq * nb, n * n)
-        self._a, self._at = (a_ray, b_ray), (a_pix, b_pix)
+        return (a_ray, b_ray), (a_pix, b_pix)
+
+    def matrices(self) -> dict[str, Tensor]:
+        """The system matrices as plain tensors (CSR row pointers, columns, values), for the disk cache."""
+        out: dict[str, Tensor] = {}
+        for prefix, group in (("a", self._a), ("at", self._at)):
+            for i, m in enumerate(group):
+                name = f"{prefix}{i}"
+                out[f"{name}.crow"], out[f"{name}.col"] = m.crow_indices(), m.col_indices()
+                out[f"{name}.val"] = m.values()
+        return out
+
+    def _unpack(self, matrices: dict[str, Tensor]) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """CSR matrices from :meth:`matrices` output, after checking that they fit the geometry.
+
+        The checks (names, dtypes, lengths, monotone row pointers, column range, finite values) cost well
+        under a second at clinical sizes and catch a damaged cache file before a sparse matmul reads out
+        of bounds.
+        """
+        g = self.geometry
+        rays, pixels = g.n_views // self.turns * g.n_bins, g.image_size**2
+        count = 1 if g.beam == "parallel" else 2
+        groups: list[tuple[Tensor, ...]] = []
+        for prefix, shape in (("a", (rays, pixels)), ("at", (pixels, rays))):
+            group = []
+            for i in range(count):
+                name = f"{prefix}{i}"
+                try:
+                    crow, col, val = (matrices[f"{name}.{part}"] for part in ("crow", "col", "val"))
+                except KeyError as exc:
+                    raise MedistillError(f"CT matrices lack {exc.args[0]}") from None
+                if (
+                    crow.dtype not in (torch.int32, torch.int64)
+                    or col.dtype != crow.dtype
+                    or val.dtype != torch.float32
+                    or crow.ndim != 1
+                    or crow.numel() != shape[0] + 1
+                    or col.shape != val.shape
+                    or col.ndim != 1
+                    or int(crow[0]) != 0
+                    or int(crow[-1]) != col.numel()
+                    or bool((crow.diff() < 0).any())
+                    or (col.numel() and not 0 <= int(col.min()) <= int(col.max()) < shape[1])
+                    or not bool(torch.isfinite(val).all())
+                ):
+                    raise MedistillError(f"CT matrix {name} does not fit the geometry {shape}")
+                dev = self.device
+                group.append(self._csr(crow.to(dev), col.to(dev), val.to(dev), *shape))
+            groups.append(tuple(group))
+        return groups[0], groups[1]
 
     def _joseph(self, angles: Tensor, chunk_entries: int = 1 << 23) -> tuple[Tensor, Tensor]:
         """Joseph (IEEE TMI 1982) system matrix of views ``angles``: ``(A, A^T)`` as CSR.
@@ -480,17 +550,92 @@ class _Backproject(torch.autograd.Function):
 
 _CACHE: OrderedDict[tuple[CTGeometry, str], CTOperator] = OrderedDict()
 _CACHE_SIZE = 3
+#: Environment variable: ``0`` / ``off`` keeps the CT matrices out of the disk cache.
+DISK_CACHE_ENV = "MEDISTILL_CT_CACHE"
+#: Folder of the CT matrices in the medistill cache (``$MEDISTILL_DATA`` or ``~/.cache/medistill``).
+DISK_CACHE_FOLDER = "ct_matrices"
+#: Bump when the stored layout of :meth:`CTOperator.matrices` changes.
+_MATRIX_FORMAT = 1
 
 
-def operator(geometry: CTGeometry, device: torch.device | str = "cpu") -> CTOperator:
-    """The shared :class:`CTOperator` of ``geometry`` on ``device`` (built on first use, LRU of 3)."""
+@functools.cache
+def _projector_code_version() -> str:
+    """Hash of the source of every function that builds the matrices: edit the projector, get a new key."""
+    parts = []
+    for fn in (
+        _detector_coords,
+        CTGeometry.angles_rad,
+        CTGeometry.bin_centres,
+        CTGeometry.quarter_turns,
+        CTOperator.__init__,
+        CTOperator._build,
+        CTOperator._joseph,
+        CTOperator._csr,
+    ):
+        try:
+            parts.append(inspect.getsource(fn))
+        except OSError:  # no source shipped: fall back to the byte code and its constants
+            parts.append(repr((fn.__code__.co_code, fn.__code__.co_consts)))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def matrix_key(geometry: CTGeometry, device: torch.device | str = "cpu") -> str:
+    """Disk-cache key of the matrices of ``geometry`` built on ``device``'s type (cpu / cuda).
+
+    A hash of every geometry field (``repr`` of the floats: exact), the projector's code version, the
+    storage format and the torch version (float rounding of the build may change with torch or device).
+    """
+    fields = {f.name: repr(getattr(geometry, f.name)) for f in dataclasses.fields(geometry)}
+    text = json.dumps(
+        {
+            "geometry": fields,
+            "code": _projector_code_version(),
+            "format": _MATRIX_FORMAT,
+            "torch": torch.__version__,
+            "device": torch.device(device).type,
+        },
+        sort_keys=True,
+    )
+    name = f"{geometry.beam}{geometry.image_size}"
+    return f"{name}_{hashlib.sha256(text.encode()).hexdigest()[:24]}"
+
+
+def _cached_operator(geometry: CTGeometry, device: torch.device | str) -> CTOperator:
+    """Load the matrices of ``geometry`` from the disk cache, or build them and store them there."""
+    from medistill.io import tensor_cache
+
+    path = tensor_cache.cache_file(DISK_CACHE_FOLDER, matrix_key(geometry, device))
+    stored = tensor_cache.load_tensors(path)
+    if stored is not None:
+        try:
+            return CTOperator(geometry, device, matrices=stored)
+        except MedistillError as exc:
+            warnings.warn(f"rebuilding the damaged CT matrix cache file {path} ({exc})", stacklevel=3)
+    op = CTOperator(geometry, device)
+    tensor_cache.save_tensors(path, op.matrices())
+    return op
+
+
+def operator(
+    geometry: CTGeometry, device: torch.device | str = "cpu", disk_cache: bool | None = None
+) -> CTOperator:
+    """The shared :class:`CTOperator` of ``geometry`` on ``device``: in memory (LRU of 3), else on disk.
+
+    A geometry's first build (one to two minutes at clinical sizes) is stored in the medistill cache
+    (``<data_root>/ct_matrices/<key>.pt``, see :func:`matrix_key`), so later processes load it in seconds.
+    ``disk_cache``: ``False`` builds without the disk cache; ``None`` uses it unless the environment
+    variable ``MEDISTILL_CT_CACHE`` is ``0`` / ``off``.
+    """
+    from medistill.io import tensor_cache
+
     key = (geometry, str(torch.device(device)))
     if key in _CACHE:
         _CACHE.move_to_end(key)
-    else:
-        _CACHE[key] = CTOperator(geometry, device)
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
+        return _CACHE[key]
+    use_disk = tensor_cache.enabled(DISK_CACHE_ENV) if disk_cache is None else disk_cache
+    _CACHE[key] = _cached_operator(geometry, device) if use_disk else CTOperator(geometry, device)
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
     return _CACHE[key]
 
 
