@@ -208,16 +208,8 @@ def fake_apt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeApt:
     deb = make_deb(
         tmp_path / "fakepkg_1.0-1_all.deb", {MEMBER: PAYLOAD, "usr/share/doc/fakepkg/x": b"unlisted"}
     )
-    spec = examples.ExampleSet(
-        name="fake-deb",
-        package="fakepkg",
-        version="1.0-1",
-        licence="MIT",
-        description="test",
-        members={"vol.nii.gz": MEMBER},
-        sha256={"vol.nii.gz": hashlib.sha256(PAYLOAD).hexdigest()},
-        source="debian",
-    )
+    digest = hashlib.sha256(PAYLOAD).hexdigest()
+    spec = examples._set("fake-deb", "fakepkg", "1.0-1", "MIT", "test", {MEMBER: digest}, source="debian")
     monkeypatch.setitem(examples.EXAMPLES, "fake-deb", spec)
     monkeypatch.setenv("MEDISTILL_DATA", str(tmp_path / "cache"))
     monkeypatch.setattr(examples, "_apt_get", lambda: "/usr/bin/apt-get")

@@ -277,13 +277,17 @@ def _download_wheel(package: str, version: str, dest: Path) -> Path:
     """
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
     cmd += ["--disable-pip-version-check", "-d", str(dest), f"{package}=={version}"]
-    proc = _run(cmd)
+    return _downloaded(_run(cmd), f"pip download {package}=={version}", dest, ".whl")
+
+
+def _downloaded(proc: subprocess.CompletedProcess[str], what: str, dest: Path, suffix: str) -> Path:
+    """The one package file a successful download command left in ``dest``."""
     if proc.returncode != 0:
-        raise MedistillError(f"pip download {package}=={version} failed: {_last_line(proc)}")
-    wheels = sorted(dest.glob("*.whl"))
-    if not wheels:
-        raise MedistillError(f"pip download {package}=={version} produced no wheel in {dest}")
-    return wheels[0]
+        raise MedistillError(f"{what} failed: {_last_line(proc)}")
+    found = sorted(dest.glob(f"*{suffix}"))
+    if not found:
+        raise MedistillError(f"{what} produced no {suffix} file in {dest}")
+    return found[0]
 
 
 # what apt-get says when its package lists predate (or lack) the package or version we pin
@@ -321,12 +325,7 @@ def _download_deb(package: str, version: str, dest: Path) -> Path:
         if update.returncode != 0:
             raise MedistillError(f"apt-get update failed: {_last_line(update)}")
         proc = _run([apt, "download", pinned], cwd=dest)
-    if proc.returncode != 0:
-        raise MedistillError(f"apt-get download {pinned} failed: {_last_line(proc)}")
-    debs = sorted(dest.glob("*.deb"))
-    if not debs:
-        raise MedistillError(f"apt-get download {pinned} produced no .deb in {dest}")
-    return debs[0]
+    return _downloaded(proc, f"apt-get download {pinned}", dest, ".deb")
 
 
 Entries = Iterator[tuple[str, IO[bytes]]]
@@ -399,7 +398,9 @@ def _deb_entries(deb: Path, wanted: set[str]) -> Entries:
         dpkg = shutil.which("dpkg-deb")
         if dpkg is None:
             raise MedistillError(f"{deb}: its {name} needs dpkg-deb to unpack, which is not installed")
-        proc = subprocess.Popen([dpkg, "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [dpkg, "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
         try:
             assert proc.stdout is not None
             yield from _tar_entries(deb, proc.stdout, "r|", wanted)
