@@ -13,7 +13,7 @@ Orientation of ``Cranium.inv3`` (the ``head-ct`` set), checked against the anato
 axis the body's cross-section shrinks to nothing at the last slices (the vertex) and the teeth are in
 the first slices, so slice index grows towards Superior. In a slice, the teeth and the face are at
 high row index and the curved head-rest the patient lies on at low row index, so the row index grows
-towards Anterior (InVesalius stores DICOM rows bottom-up, as VTK does; DICOM rows run A -> P). Left
+towards Anterior (consistent with VTK's bottom-up row order applied to DICOM rows that run A -> P). Left
 and right cannot be told from this anatomy (no marker, nothing lateralised); we keep the DICOM column
 direction, column index growing towards the patient's Left, which gives LAS like most scanner
 exports. A left-right mirror would not change any HU statistic, only which side is called left.
