@@ -111,3 +111,4 @@ def test_markdown_caption_states_n_sd_and_misses_per_model() -> None:
     assert rows["student"]["misses"] == 2 and rows["teacher"]["mean"] == 1.0
     table = rows_markdown(rows, ["ring"], unit="images")
     assert "n = 2 images per model" in table and "| student | 0.000 | 0.000 ± 0.000 |" in table
+    assert "HD95" in md and "HD95" not in table  # a Dice-only table states a Dice-only penalty

@@ -210,7 +210,7 @@ def _pm(mean: float, sd: float, scale: float) -> str:
     return f"{scale * mean:.1f} ± {scale * sd:.1f}" if math.isfinite(sd) else f"{scale * mean:.1f}"
 
 
-def counts_caption(counts: Mapping[str, Mapping[str, int]], unit: str = "cases") -> str:
+def counts_caption(counts: Mapping[str, Mapping[str, int]], unit: str = "cases", hd95: bool = True) -> str:
     """One sentence per table: n, what the ± is taken over, the penalty, and per model the misses, false
     positives and empty-vs-empty exclusions. ``counts`` is ``{model: {"n_cases", "misses",
     "false_positives", "empty_excluded"}}`` (as in :func:`summary_row`)."""
@@ -220,9 +220,10 @@ def counts_caption(counts: Mapping[str, Mapping[str, int]], unit: str = "cases")
         for m, c in counts.items()
     )
     n = "/".join(str(v) for v in sorted({c["n_cases"] for c in counts.values()}))
+    penalty = PENALTY_NOTE if hd95 else PENALTY_NOTE.replace(", HD95 = image diagonal (mm)", "")
     return (
         f"n = {n} {unit} per model; ± is the sample SD over {unit}; a structure's n excludes its "
-        f"empty-vs-empty {unit}. {PENALTY_NOTE[0].upper() + PENALTY_NOTE[1:]}. Counts (structure x {unit}): "
+        f"empty-vs-empty {unit}. {penalty[0].upper() + penalty[1:]}. Counts (structure x {unit}): "
         f"{per_model}."
     )
 
@@ -260,7 +261,7 @@ def summary_markdown(summaries: Mapping[str, Mapping[str, Any]], unit: str = "ca
             + " | ".join(row)
             + " |"
         )
-        caption = counts_caption({m: summary_row(s) for m, s in summaries.items()}, unit)
+        caption = counts_caption({m: summary_row(s) for m, s in summaries.items()}, unit, with_hd)
     else:
         row = []
         for m in models:
@@ -270,18 +271,20 @@ def summary_markdown(summaries: Mapping[str, Mapping[str, Any]], unit: str = "ca
                 means["hd95_mm"] = float(np.nanmean([st["hd95_mm"] for st in sts]))
             row += cells(means)
         lines.append("| **mean of structures** | " + " | ".join(row) + " |")
-        caption = structures_caption(summaries, unit)
+        caption = structures_caption(summaries, unit, with_hd)
     return f"{caption}\n\n" + "\n".join(lines) + "\n"
 
 
-def structures_caption(summaries: Mapping[str, Mapping[str, Any]], unit: str = "cases") -> str:
+def structures_caption(
+    summaries: Mapping[str, Mapping[str, Any]], unit: str = "cases", hd95: bool = True
+) -> str:
     """:func:`counts_caption` for summaries that kept only their structures (counts summed over them)."""
     counts = {}
     for m, s in summaries.items():
         sts = list(s["structures"].values())
         counts[m] = {k: sum(st[k] for st in sts) for k in ("misses", "false_positives", "empty_excluded")}
         counts[m]["n_cases"] = max((st["n"] + st["empty_excluded"] for st in sts), default=0)
-    return counts_caption(counts, unit)
+    return counts_caption(counts, unit, hd95)
 
 
 def summarise_batch(
@@ -320,4 +323,4 @@ def rows_markdown(
             f"{r['mean']:.3f} ± {r['mean_sd']:.3f}" if math.isfinite(r["mean_sd"]) else f"{r['mean']:.3f}"
         )
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    return counts_caption(rows, unit) + "\n\n" + "\n".join(lines) + "\n"
+    return counts_caption(rows, unit, hd95=False) + "\n\n" + "\n".join(lines) + "\n"
