@@ -25,7 +25,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	# the real-data tests use these example sets (cached: no network the second time)
-	$(BIN)/medistill data fetch chest-ct radiographs
+	$(BIN)/medistill data fetch chest-ct radiographs chest-ct-2 head-ct head-mr
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
