@@ -8,12 +8,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medistill.cli import main
 from medistill.errors import MedistillError
 from medistill.io.datasets import load_msd, validate
 from medistill.io.images import read_image
-from medistill.tasks.cohort import CohortMaker, CohortSpec, make_cohort, phantom_abdomen, split_ids
+from medistill.tasks.cohort import (
+    WORD_LABELS,
+    CohortMaker,
+    CohortSpec,
+    make_cohort,
+    phantom_abdomen,
+    split_ids,
+)
 
-SPEC = CohortSpec(n_subjects=5, spacing_mm=(4.0, 4.0, 4.0), min_voxels=50)
+SPEC = CohortSpec(n_subjects=5, spacing_mm=(4.0, 4.0, 4.0), min_volume_ml=3.0)
+# the phantom's organs with their fixed WORD ids (no gallbladder, duodenum, ... in the phantom)
+PHANTOM_IDS = {"liver": 1, "spleen": 2, "kidney_left": 3, "kidney_right": 4, "stomach": 5, "pancreas": 8}
 
 
 @pytest.fixture(scope="module")
@@ -32,22 +42,15 @@ def test_same_seed_same_subjects_other_seed_other_subjects(source) -> None:
     assert not np.array_equal(a.subject(0)[1].array, a.subject(1)[1].array)  # subjects differ
 
 
-def test_subjects_keep_organs_with_words_order_and_drop_absent_ones(source) -> None:
+def test_subjects_keep_organs_with_words_fixed_ids_and_absent_ones_are_just_absent(source) -> None:
     maker = CohortMaker(*source, SPEC)
-    assert list(maker.labels) == [
-        "background",
-        "liver",
-        "spleen",
-        "kidney_left",
-        "kidney_right",
-        "stomach",
-        "pancreas",
-    ]
-    assert "gallbladder" in maker.dropped and maker.dropped["gallbladder"] == 0
+    assert maker.labels == WORD_LABELS and list(WORD_LABELS)[:6] == ["background", *list(PHANTOM_IDS)[:5]]
+    assert WORD_LABELS["pancreas"] == 8 and WORD_LABELS["adrenal"] == 12  # WORD's order
+    assert maker.absent["gallbladder"] == 0.0 and "pancreas" not in maker.absent
     ct, lab = maker.subject(2)
     assert ct.shape == lab.shape == maker.shape and np.allclose(ct.spacing, 4.0)
-    # labels are sampled by nearest neighbour: only declared values, every organ still there
-    assert set(np.unique(lab.array).tolist()) == set(maker.labels.values())
+    # labels are sampled by nearest neighbour: only the phantom's organs, at their WORD ids
+    assert set(np.unique(lab.array).tolist()) == {0, *PHANTOM_IDS.values()}
     # the deformed liver keeps roughly its volume (affine zoom <= 8 %, smooth deformation)
     ref = (source[1].array == 5).sum() * np.prod(source[1].spacing) / 4.0**3
     assert 0.7 < (lab.array == 1).sum() / ref < 1.3
@@ -74,3 +77,47 @@ def test_split_needs_three_subjects_and_is_seeded() -> None:
     assert split_ids(ids, (0.6, 0.2, 0.2), 0) != split_ids(ids, (0.6, 0.2, 0.2), 1)
     with pytest.raises(MedistillError, match="at least 3"):
         split_ids(ids[:2], (0.6, 0.2, 0.2), 0)
+
+
+def test_label_ids_do_not_depend_on_spacing_or_on_which_organs_are_left_out(source) -> None:
+    """The same organ has the same id at 3.5 and 6 mm, and leaving the kidneys out moves no other id.
+
+    With a voxel-count threshold the 6 mm cohort lost organs and renumbered the rest (stomach became 3);
+    a volume in ml means the same at every spacing, and ids come from WORD's list, not from a count."""
+    fine = CohortMaker(*source, CohortSpec(n_subjects=3, spacing_mm=(3.5,) * 3, min_volume_ml=3.0))
+    coarse = CohortMaker(*source, CohortSpec(n_subjects=3, spacing_mm=(6.0,) * 3, min_volume_ml=3.0))
+    assert fine.labels == coarse.labels == WORD_LABELS
+    assert fine.absent == coarse.absent  # the threshold is judged in ml on the source, not in voxels
+    volumes = []  # subject 0 is the same deformed anatomy at both spacings: each id, the same organ
+    for maker in (fine, coarse):
+        lab = maker.subject(0)[1].array
+        assert set(np.unique(lab).tolist()) == {0, *PHANTOM_IDS.values()}
+        volumes.append(
+            {v: (lab == v).sum() * np.prod(maker.spec.spacing_mm) / 1000.0 for v in PHANTOM_IDS.values()}
+        )
+    for name, v in PHANTOM_IDS.items():
+        assert volumes[0][v] == pytest.approx(volumes[1][v], rel=0.15), name  # ml at 3.5 vs 6 mm
+    no_kidneys = CohortMaker(*source, CohortSpec(n_subjects=3, spacing_mm=(6.0,) * 3, min_volume_ml=25.0))
+    assert set(no_kidneys.absent) >= {"kidney_left", "kidney_right", "pancreas"}
+    lab = no_kidneys.subject(0)[1].array
+    assert set(np.unique(lab).tolist()) == {0, 1, 2, 5}  # liver, spleen, stomach keep 1, 2, 5
+
+
+def test_dataset_json_lists_every_label_with_its_fixed_id(tmp_path: Path, source) -> None:
+    make_cohort(tmp_path / "c", CohortSpec(n_subjects=3, spacing_mm=(6.0,) * 3, min_volume_ml=3.0), *source)
+    meta = json.loads((tmp_path / "c" / "dataset.json").read_text())
+    assert meta["labels"] == {str(v): k for k, v in WORD_LABELS.items()}
+    assert "gallbladder (0.0 ml)" in meta["description"]
+
+
+@pytest.mark.parametrize("spacing", ["0", "-2", "nan"])
+def test_cli_refuses_a_spacing_that_is_not_a_positive_length(
+    spacing: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["simulate", "cohort", "--out", str(tmp_path / "c"), "--n", "3", "--spacing", spacing])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--spacing must be a positive length in mm" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
+    with pytest.raises(MedistillError, match="spacing_mm must be 3 positive lengths"):
+        CohortSpec(spacing_mm=(float(spacing),) * 3)

@@ -20,7 +20,7 @@ from medistill.config import validate_config
 from medistill.engine.checkpoint import save_checkpoint
 from medistill.errors import MedistillError
 from medistill.io.images import Image, read_image, write_image
-from medistill.tasks.cohort import CohortSpec, make_cohort, phantom_abdomen
+from medistill.tasks.cohort import WORD_LABELS, CohortSpec, make_cohort, phantom_abdomen
 from medistill.tasks.segmentation3d import Seg3DTask, lr_mirror, organ_scores
 
 TINY = {
@@ -56,7 +56,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cohort")
-    spec = CohortSpec(n_subjects=4, spacing_mm=(3.5, 3.5, 3.5), min_voxels=50, split=(0.5, 0.25, 0.25))
+    spec = CohortSpec(n_subjects=4, spacing_mm=(3.5, 3.5, 3.5), min_volume_ml=2.0, split=(0.5, 0.25, 0.25))
     make_cohort(root, spec, *phantom_abdomen())
     return root
 
@@ -104,7 +104,7 @@ def test_three_stages_learn_evaluate_predict_and_export(tmp_path: Path, cohort: 
     pred, image = nib.load(pred_path), nib.load(src)
     assert pred.shape == image.shape and np.allclose(pred.affine, image.affine)  # input geometry (LAS)
     labels = np.asarray(pred.dataobj)
-    assert set(np.unique(labels).tolist()) <= set(range(7))
+    assert set(np.unique(labels).tolist()) <= set(WORD_LABELS.values())
 
     main(["export", str(run)])
     parity = json.loads((run / "export" / "parity.json").read_text())
@@ -114,7 +114,7 @@ def test_three_stages_learn_evaluate_predict_and_export(tmp_path: Path, cohort: 
 
 def test_label_values_outside_the_label_list_fail_before_training(tmp_path: Path, cohort: Path) -> None:
     bad = tmp_path / "bad"
-    make_cohort(bad, CohortSpec(n_subjects=3, spacing_mm=(3.5,) * 3, min_voxels=50), *phantom_abdomen())
+    make_cohort(bad, CohortSpec(n_subjects=3, spacing_mm=(3.5,) * 3, min_volume_ml=2.0), *phantom_abdomen())
     label_path = bad / "labelsTr" / "subject_001.nii.gz"
     lab = read_image(label_path)
     stray = lab.array.copy()
@@ -126,7 +126,7 @@ def test_label_values_outside_the_label_list_fail_before_training(tmp_path: Path
 
 def test_image_label_grid_mismatch_fails(tmp_path: Path) -> None:
     bad = tmp_path / "grid"
-    make_cohort(bad, CohortSpec(n_subjects=3, spacing_mm=(3.5,) * 3, min_voxels=50), *phantom_abdomen())
+    make_cohort(bad, CohortSpec(n_subjects=3, spacing_mm=(3.5,) * 3, min_volume_ml=2.0), *phantom_abdomen())
     label_path = bad / "labelsTr" / "subject_002.nii.gz"
     lab = read_image(label_path)
     shifted = lab.affine.copy()

@@ -19,6 +19,7 @@ import typer
 from medistill.cli import report_app, simulate_app
 from medistill.errors import MedistillError
 from medistill.io.atomic import atomic_path, atomic_write_text
+from medistill.io.checks import check_output_folder, require_ct
 from medistill.io.images import Image, check_same_grid, read_image, write_image
 from medistill.physics.attenuation import EFFECTIVE_KEV, MU_WATER_PER_MM, hu_to_mu
 from medistill.physics.drr import METHODS, DRRRenderer, display_image
@@ -139,6 +140,9 @@ def simulate_drr(
         MU_WATER_PER_MM, "--mu-water", help=f"mu of water (1/mm); default: water at {EFFECTIVE_KEV:g} keV."
     ),
     method: str = typer.Option("auto", "--method", help="auto | joseph | shear-warp."),
+    assume_ct: bool = typer.Option(
+        False, "--assume-ct", help="Take the CT as HU even if its tags or values say otherwise."
+    ),
 ) -> None:
     """Render DRRs (line integrals, 16-bit PNG) and binary projected label masks from a CT."""
     from rich.progress import track
@@ -157,12 +161,14 @@ def simulate_drr(
     angles = _parse_floats(angle_range, 3, "angle-range")
     shifts = _parse_floats(shift_range, 3, "shift-range")
     ids = _parse_label_ids(label_ids)
+    check_output_folder(out, inputs=[ct, *([labels] if labels else [])])
     detector = Detector(
         height, width, (spacing, spacing), sdd, mirror=PRESET_MIRROR[pose if pose != "random" else around]
     )
     image = read_image(ct)
     if image.array.ndim != 3:
         raise MedistillError(f"{ct}: a DRR needs a 3D CT volume, got an array of shape {image.array.shape}")
+    require_ct(image, str(ct), assume_ct)
     label_image = None
     if labels is not None:
         label_image = read_image(labels)

@@ -28,6 +28,7 @@ import typer
 from medistill.cli import report_app, simulate_app
 from medistill.errors import MedistillError
 from medistill.io.atomic import atomic_path, atomic_write_text
+from medistill.io.checks import check_output_folder, read_ct
 from medistill.io.images import read_image
 from medistill.physics import ct, mar_classical, metal
 from medistill.physics.attenuation import mu_to_hu
@@ -62,9 +63,9 @@ def _parse_slices(text: str | None, depth: int) -> range:
     return chosen
 
 
-def _load_slices(path: Path) -> tuple[np.ndarray, float]:
-    """``S H W`` slices in HU (clipped at -1024) and the in-plane pixel size (mm); checks square pixels."""
-    image = read_image(path)
+def _load_slices(path: Path, assume_ct: bool = False) -> tuple[np.ndarray, float]:
+    """``S H W`` slices in HU (clipped at -1024) and the in-plane pixel size (mm); CT and square pixels."""
+    image = read_ct(path, assume_ct)
     array = np.asarray(image.array, dtype=np.float32)
     if array.ndim == 2:
         slices = array[None]
@@ -167,14 +168,18 @@ def simulate_metal_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives the same output."),
     baselines: bool = typer.Option(False, "--baselines", help="Also write LI and NMAR reconstructions."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
+    assume_ct: bool = typer.Option(
+        False, "--assume-ct", help="Take the input as CT in HU even if its tags or values say otherwise."
+    ),
 ) -> None:
     """Insert metal into clean CT slices and simulate polychromatic, noisy scans (+ LI/NMAR baselines)."""
     from rich.progress import track
 
+    check_output_folder(out, inputs=[ct_path])
     base = ct.geometry_preset(geometry_name)
     scan = metal.MetalScan(metal=metal_name, photons=photons, kvp=kvp, scatter_photons=scatter)
     kramers_spectrum(scan.kvp, scan.filtration_mm_al)  # validates kVp before any work
-    volume, pixel_mm = _load_slices(ct_path)
+    volume, pixel_mm = _load_slices(ct_path, assume_ct)
     chosen = _parse_slices(slices, volume.shape[0])
     geometry = base.with_pixel_mm(pixel_mm * volume.shape[-1] / base.image_size)
     fixed_mask = _load_mask_file(mask_file, geometry) if mask_file is not None else None

@@ -92,11 +92,15 @@ def predict(
     """Run the trained model on INPUT and write the result in the input's geometry."""
     if not input.exists():
         raise MedistillError(f"input not found: {input}")
-    if out.resolve() == input.resolve():
-        raise MedistillError(f"--out {out} is the input file; medistill never overwrites inputs")
+    from medistill.io.checks import IMAGE_SUFFIXES, check_output_folder, check_output_path
     from medistill.runs import open_run
 
-    task = open_run(run)
+    task = open_run(run)  # the run's config only: the output is checked before any weights are loaded
+    writes = getattr(task, "predict_writes", IMAGE_SUFFIXES)  # file endings, or "folder"
+    if writes == "folder":
+        check_output_folder(out, inputs=[input])
+    else:
+        check_output_path(out, writes, inputs=[input])
     task.predict_file(task.load_models("best"), input, out)
     typer.echo(str(out))
 

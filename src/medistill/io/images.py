@@ -17,6 +17,14 @@ Conventions (stated here once; every other module relies on them and converts at
   norm of each used column.
 * **Values**: readers return stored values with the DICOM modality LUT applied (CT -> float32 HU).
   :func:`read_radiograph` additionally makes "higher = more attenuation" (MONOCHROME1 is inverted).
+  NaN or infinite voxels are refused on reading (downstream they become empty masks without an error).
+  :attr:`Image.modality` keeps what the file says the values are (the DICOM Modality, "SC" for a
+  secondary capture, "colour" for a colour PNG/TIFF); :func:`medistill.io.checks.require_ct` uses it.
+* **DICOM series** are checked before they are stacked: slices are placed by projecting
+  ImagePositionPatient on the slice normal (from ImageOrientationPatient). Files at the same position are
+  dropped with a warning when their pixels are identical (a copied file) and refused otherwise; a gap
+  (missing slice) or non-uniform spacing is refused, naming the folder and the positions, because ITK
+  would stack such a series as uniform (e.g. 1.67 mm instead of 2.5, slices misplaced by millimetres).
 * **Channels** are not part of :class:`Image`; :func:`write_channels` / :func:`read_channels` store them
   as a 4D NIfTI with channels last (the Medical Segmentation Decathlon layout).
 
@@ -74,6 +82,19 @@ _NON_IMAGE_SOP_PREFIXES = {
     "1.2.840.10008.5.1.4.1.1.88.": "Structured Report",
     "1.2.840.10008.5.1.4.1.1.11.": "Presentation State",
 }
+# Secondary Capture image storage (single- and multi-frame): screen grabs whose pixels are not HU
+_SECONDARY_CAPTURE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.7",
+    "1.2.840.10008.5.1.4.1.1.7.1",
+    "1.2.840.10008.5.1.4.1.1.7.2",
+    "1.2.840.10008.5.1.4.1.1.7.3",
+    "1.2.840.10008.5.1.4.1.1.7.4",
+}
+_COLOUR_PHOTOMETRIC = ("RGB", "YBR", "PALETTE", "ARGB", "CMYK", "HSV")
+# slices closer than this along the normal are "at the same position" (IPP is written to ~1e-3 mm)
+_SAME_POSITION_MM = 0.01
+# a step may differ from the series' spacing by this fraction (float jitter of exported positions)
+_SPACING_REL_TOL = 0.01
 
 
 @dataclass(eq=False)
@@ -83,10 +104,16 @@ class Image:
     Attributes:
         array: spatial axes only (2 or 3 of them); axis ``k`` steps along affine column ``k``.
         affine: ``(4, 4)`` float64, voxel index ``(i, j, k, 1)`` -> world mm in RAS+.
+        modality: what the file says the values are, where it says so: the DICOM Modality ("CT", "MR",
+            "RTDOSE", "CR", ...), "SC" for a DICOM secondary capture (or a derived/secondary CT image
+            without a rescale to HU), "colour" for a colour PNG/TIFF read as grey; None for formats
+            without such a tag (NIfTI, MHA/NRRD, grey PNG/TIFF) and for arrays made in memory. It is
+            not carried over by :meth:`with_array`: a prediction on a CT's grid is not a CT.
     """
 
     array: np.ndarray
     affine: np.ndarray
+    modality: str | None = None
 
     def __post_init__(self) -> None:
         self.array = np.asarray(self.array)
@@ -136,6 +163,23 @@ class Image:
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
+
+def _check_finite(image: Image, path: Path, values: np.ndarray | None = None) -> Image:
+    """Refuse NaN or infinite voxels (of ``values``, default the image's array) in one line.
+
+    Downstream they poison every mean and comparison: a segmentation of a NaN volume comes out empty
+    and the verb still exits 0, so the reader stops them where the file is named.
+    """
+    array = image.array if values is None else values
+    if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
+        nan = int(np.isnan(array).sum())
+        inf = int(np.isinf(array).sum())
+        raise MedistillError(
+            f"{path}: {nan + inf} of {array.size} voxels are not finite ({nan} NaN, {inf} infinite); "
+            "replace them (e.g. by the background value) before using the image"
+        )
+    return image
 
 
 def _suffix(path: Path) -> str:
@@ -247,9 +291,10 @@ def read_channels(path: PathLike) -> list[Image]:
     img = _load_nifti(path)
     data = _nifti_data(path, img)
     if data.ndim <= 3:
-        return [Image(data, img.affine)]
+        return [_check_finite(Image(data, img.affine), path)]
     if data.ndim > 4:
         raise MedistillError(f"{path}: NIfTI has {data.ndim} axes; expected 3 spatial + 1 channel axis")
+    _check_finite(Image(data[..., 0], img.affine), path, np.asarray(data))
     return [Image(np.ascontiguousarray(data[..., c]), img.affine) for c in range(data.shape[3])]
 
 
@@ -369,11 +414,34 @@ def _check_dicom_kind(ds: pydicom.Dataset, path: Path) -> None:
         )
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise MedistillError(f"{path}: DICOM file has no pixel data")
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples > 1 or photometric.startswith(_COLOUR_PHOTOMETRIC):
+        raise MedistillError(
+            f"{path}: colour DICOM (PhotometricInterpretation {photometric or '?'}, {samples} samples "
+            "per pixel); medistill reads grey-scale images (CT, MR, radiographs), not screenshots"
+        )
 
 
-def _dcmread(path: Path) -> pydicom.Dataset:
+def _dicom_modality(ds: pydicom.Dataset) -> str | None:
+    """What the values of this DICOM image are (:attr:`Image.modality`): Modality, or "SC" for captures.
+
+    A secondary capture keeps the Modality of the scan it shows (often "CT") but its pixels are display
+    values, so the SOP class wins; a CT image marked DERIVED and SECONDARY without a RescaleIntercept
+    (a screen grab stored as CT) is a capture too. A derived CT *with* a rescale (an MPR) stays "CT".
+    """
+    if str(ds.get("SOPClassUID", "")) in _SECONDARY_CAPTURE_SOP_CLASSES:
+        return "SC"
+    modality = str(ds.get("Modality", "")).upper() or None
+    image_type = {str(v).upper() for v in (ds.get("ImageType") or [])}
+    if modality == "CT" and {"DERIVED", "SECONDARY"} <= image_type and "RescaleIntercept" not in ds:
+        return "SC"
+    return modality
+
+
+def _dcmread(path: Path, header_only: bool = False) -> pydicom.Dataset:
     try:
-        return pydicom.dcmread(str(path))
+        return pydicom.dcmread(str(path), stop_before_pixels=header_only)
     except Exception as exc:  # InvalidDicomError, EOF, struct errors on truncated files
         raise MedistillError(f"{path}: not a readable DICOM file ({exc})") from exc
 
@@ -418,19 +486,109 @@ def _dicom_slice_affine(ds: pydicom.Dataset, spacing: tuple[float, float]) -> np
 def _read_dicom_file(path: Path, ds: pydicom.Dataset | None = None) -> Image:
     ds = _dcmread(path) if ds is None else ds
     _check_dicom_kind(ds, path)
+    modality = _dicom_modality(ds)
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        return _read_itk(path)  # multi-frame: let GDCM assemble the volume and its geometry
+        image = _read_itk(path)  # multi-frame: let GDCM assemble the volume and its geometry
+        image.modality = modality
+        return image
     try:
         pixels = ds.pixel_array
     except Exception as exc:
         try:  # compressed transfer syntaxes pydicom cannot decode without plugins: GDCM can
-            return _read_itk(path)
+            image = _read_itk(path)
         except MedistillError:
             raise MedistillError(f"{path}: cannot decode DICOM pixel data ({exc})") from exc
+        image.modality = modality
+        return image
     if pixels.ndim != 2:
         raise MedistillError(f"{path}: DICOM pixel data has shape {pixels.shape}; expected one scalar slice")
     spacing = _dicom_spacing(ds) or (1.0, 1.0)
-    return Image(_modality_lut(ds, pixels), _dicom_slice_affine(ds, spacing))
+    return Image(_modality_lut(ds, pixels), _dicom_slice_affine(ds, spacing), modality)
+
+
+def _fmt_mm(value: float) -> str:
+    return f"{value:.3f}".rstrip("0").rstrip(".")
+
+
+class _Slice(NamedTuple):
+    name: str
+    orientation: np.ndarray  # ImageOrientationPatient, 6 direction cosines (LPS)
+    position: np.ndarray  # ImagePositionPatient, mm (LPS)
+    size: tuple[object, object]  # (Rows, Columns)
+
+
+def _order_series(folder: Path, files: list[str]) -> tuple[list[str], np.ndarray | None]:
+    """The series' files in slice order and the LPS step (mm) between slices; refuses a broken series.
+
+    Positions are ImagePositionPatient projected on the slice normal (the cross product of the two
+    ImageOrientationPatient directions), so an oblique series sorts like an axial one. Returns the step
+    vector ``(ipp_last - ipp_first) / (n - 1)`` (None for one slice) that becomes affine column 2.
+    """
+    if len(files) == 1:
+        return files, None
+    slices, uid = [], ""
+    for name in files:
+        ds = _dcmread(Path(name), header_only=True)
+        uid = uid or str(ds.get("SeriesInstanceUID", ""))
+        iop, ipp = ds.get("ImageOrientationPatient"), ds.get("ImagePositionPatient")
+        if iop is None or len(iop) != 6 or ipp is None or len(ipp) != 3:
+            raise MedistillError(
+                f"{folder}: series {uid}: {Path(name).name} has no ImagePositionPatient/"
+                "ImageOrientationPatient, so its slices cannot be placed"
+            )
+        size = (ds.get("Rows"), ds.get("Columns"))
+        slices.append(_Slice(name, np.asarray(iop, float), np.asarray(ipp, float), size))
+    label = f"{folder}: series {uid}"
+    first = slices[0]
+    for other in slices[1:]:
+        pair = f"{Path(first.name).name} vs {Path(other.name).name}"
+        if not np.allclose(other.orientation, first.orientation, atol=1e-4):
+            raise MedistillError(f"{label}: slices have different orientations ({pair})")
+        if other.size != first.size:
+            raise MedistillError(
+                f"{label}: slices have different sizes {first.size} and {other.size} ({pair})"
+            )
+    normal = np.cross(first.orientation[:3], first.orientation[3:])
+    slices.sort(key=lambda sl: (float(sl.position @ normal), sl.name))
+    kept = [slices[0]]
+    for sl in slices[1:]:
+        z = float(sl.position @ normal)
+        if z - float(kept[-1].position @ normal) >= _SAME_POSITION_MM:
+            kept.append(sl)
+            continue
+        a, b = Path(kept[-1].name), Path(sl.name)
+        if _dcmread(a).PixelData != _dcmread(b).PixelData:
+            raise MedistillError(
+                f"{label}: 2 files at the same position z={_fmt_mm(z)} mm with different pixels "
+                f"({a.name}, {b.name}); keep one image per slice position in the folder"
+            )
+        warnings.warn(
+            f"{label}: {b.name} duplicates {a.name} (same position z={_fmt_mm(z)} mm, same pixels); "
+            "the copy is ignored",
+            stacklevel=4,
+        )
+    z = np.array([float(sl.position @ normal) for sl in kept])
+    steps = np.diff(z)
+    if steps.size:
+        spacing = float(np.median(steps)) if steps.size >= 3 else float(steps.min())
+        tol = max(_SAME_POSITION_MM, _SPACING_REL_TOL * spacing)
+        bad = np.flatnonzero(np.abs(steps - spacing) > tol)
+        if bad.size:
+            i = int(bad[np.argmax(np.abs(steps[bad] - spacing))])
+            where = f"between z={_fmt_mm(z[i])} and z={_fmt_mm(z[i + 1])} mm where the spacing is"
+            missing = round(steps[i] / spacing) - 1
+            if missing >= 1 and abs(steps[i] - (missing + 1) * spacing) <= tol * (missing + 1):
+                raise MedistillError(
+                    f"{label}: slice gap of {_fmt_mm(steps[i])} mm {where} {_fmt_mm(spacing)} mm "
+                    f"({missing} missing slice{'s' if missing > 1 else ''}); restore the missing files"
+                )
+            raise MedistillError(
+                f"{label}: non-uniform slice spacing: a step of {_fmt_mm(steps[i])} mm {where} "
+                f"{_fmt_mm(spacing)} mm (steps {_fmt_mm(steps.min())} to {_fmt_mm(steps.max())} mm); "
+                "resample it onto uniform slices first"
+            )
+    step = (kept[-1].position - kept[0].position) / (len(kept) - 1) if len(kept) > 1 else None
+    return [sl.name for sl in kept], step
 
 
 def _read_dicom_series(folder: Path) -> Image:
@@ -448,18 +606,29 @@ def _read_dicom_series(folder: Path) -> Image:
         raise MedistillError(
             f"{folder}: folder holds {len(series)} DICOM series ({listing}); keep one per folder"
         )
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
     first = _dcmread(Path(files[0]))
     _check_dicom_kind(first, Path(files[0]))
+    files, step = _order_series(folder, files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
+    # our own checks above replace ITK's raw "non uniform sampling" warning, which ITK prints and reads on
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         img = reader.Execute()
     except RuntimeError as exc:
         raise MedistillError(
             f"{folder}: cannot read DICOM series ({str(exc).strip().splitlines()[-1]})"
         ) from exc
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     image = _from_sitk(img, folder)
+    if step is not None and image.ndim == 3:
+        # the slices lie exactly where their positions say (also for a tilted gantry, where the step
+        # leaves the normal); for an ordinary series this equals ITK's own column
+        image.affine[:3, 2] = _LPS_TO_RAS[:3, :3] @ step
+    image.modality = _dicom_modality(first)
     if str(first.get("Modality", "")).upper() == "CT":
         image.array = image.array.astype(np.float32, copy=False)
     return image
@@ -469,6 +638,7 @@ def _read_dicom_series(folder: Path) -> Image:
 
 
 def _read_raster(path: Path) -> Image:
+    modality = None
     try:
         with PILImage.open(path) as im:
             im.load()
@@ -481,6 +651,7 @@ def _read_raster(path: Path) -> Image:
                     np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
                 ):
                     warnings.warn(f"{path}: colour image converted to grey (ITU-R 601 luma)", stacklevel=3)
+                    modality = "colour"
                 array = np.asarray(im.convert("L"))
             else:
                 array = np.asarray(im)
@@ -498,7 +669,7 @@ def _read_raster(path: Path) -> Image:
             pass  # a description written by another program, not our geometry
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("="))
-    return Image(np.array(array), affine)
+    return Image(np.array(array), affine, modality)
 
 
 def _raster_spacing_known(path: Path) -> bool:
@@ -591,21 +762,23 @@ def read_image(path: PathLike) -> Image:
     """
     path = Path(path)
     _require_exists(path)
-    if path.is_dir():
-        return _read_dicom_series(path)
     suffix = _suffix(path)
-    if suffix in NIFTI_SUFFIXES:
-        return _read_nifti(path)
-    if suffix in ITK_SUFFIXES:
-        return _read_itk(path)
-    if suffix in RASTER_SUFFIXES:
-        return _read_raster(path)
-    if suffix in DICOM_SUFFIXES or _is_dicom_file(path):
-        return _read_dicom_file(path)
-    raise MedistillError(
-        f"{path}: unsupported image format {suffix or '(no extension)'}; "
-        f"supported: {', '.join(READ_SUFFIXES)} or a folder holding one DICOM series"
-    )
+    if path.is_dir():
+        image = _read_dicom_series(path)
+    elif suffix in NIFTI_SUFFIXES:
+        image = _read_nifti(path)
+    elif suffix in ITK_SUFFIXES:
+        image = _read_itk(path)
+    elif suffix in RASTER_SUFFIXES:
+        image = _read_raster(path)
+    elif suffix in DICOM_SUFFIXES or _is_dicom_file(path):
+        image = _read_dicom_file(path)
+    else:
+        raise MedistillError(
+            f"{path}: unsupported image format {suffix or '(no extension)'}; "
+            f"supported: {', '.join(READ_SUFFIXES)} or a folder holding one DICOM series"
+        )
+    return _check_finite(image, path)
 
 
 def write_image(image: Image, path: PathLike, dtype: np.typing.DTypeLike | None = None) -> None:
@@ -643,14 +816,14 @@ def read_radiograph(path: PathLike) -> Image:
     if path.is_dir():
         raise MedistillError(f"{path}: a radiograph is one file, not a folder")
     if suffix in RASTER_SUFFIXES:
-        image = _read_raster(path)
+        image = _check_finite(_read_raster(path), path)
         if not _raster_spacing_known(path):
             warnings.warn(f"{path}: no pixel spacing stored; assuming 1.0 mm", stacklevel=2)
-        return Image(image.array.astype(np.float32), image.affine)
+        return Image(image.array.astype(np.float32), image.affine, image.modality)
     if not (suffix in DICOM_SUFFIXES or _is_dicom_file(path)):
         raise MedistillError(f"{path}: radiographs are read from DICOM, PNG or TIFF, not {suffix or '?'}")
     ds = _dcmread(path)
-    image = _read_dicom_file(path, ds)
+    image = _check_finite(_read_dicom_file(path, ds), path)
     if image.ndim != 2:
         raise MedistillError(f"{path}: a {image.ndim}D DICOM, not a 2D radiograph")
     values = image.array.astype(np.float32)
@@ -663,7 +836,7 @@ def read_radiograph(path: PathLike) -> Image:
     spacing = _dicom_spacing(ds)
     if spacing is None:
         warnings.warn(f"{path}: no PixelSpacing or ImagerPixelSpacing; assuming 1.0 mm pixels", stacklevel=2)
-    return Image(values, image.affine)
+    return Image(values, image.affine, image.modality)
 
 
 def grid_differences(

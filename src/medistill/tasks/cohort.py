@@ -3,15 +3,18 @@
 WORD (Luo et al., "WORD: A large scale dataset, benchmark and clinical applicable study for abdominal
 organ segmentation from CT image", MedIA 2022) cannot be downloaded here, so we make N subjects from the
 ``chest-ct`` example (a TotalSegmentator label map) by a random smooth deformation, an affine jitter and
-intensity/noise changes, cropped to the upper abdomen and resampled to a coarse spacing. Organs are
-relabelled to WORD's order (liver 1, spleen 2, kidneys 3/4, stomach 5, ...); an organ with fewer than
-``min_voxels`` voxels in the reference crop is dropped (and listed in ``dataset.json``'s description).
-Labels are sampled by nearest neighbour, never interpolated. Subjects come from seeded generators,
-one per subject, so the cohort is identical for a seed on any machine. The folder is MSD-style
-(``dataset.json``) plus ``splits.json`` (train/val/test case ids, split by subject), so the same task
-code trains on real data in MSD layout. Every table made from it must say "synthetic cohort from
-chest-ct": the subjects share one anatomy, so the numbers measure robustness to deformation and noise,
-not generalisation across patients.
+intensity/noise changes, cropped to the upper abdomen and resampled to a coarse spacing. Organs get
+WORD's fixed label ids (liver 1, spleen 2, kidneys 3/4, stomach 5, ... adrenal 12) whatever the spacing,
+and ``dataset.json`` lists all twelve: an organ smaller than ``min_volume_ml`` (millilitres, so the
+threshold means the same at any spacing) in the source crop is absent from every subject's label map,
+and an organ outside one subject's crop from that subject's map; neither shifts the ids of the others
+(a model trained on a 3 mm cohort reads a 5 mm one). Organs absent from the source are named in
+``dataset.json``'s description. Labels are sampled by nearest neighbour, never interpolated. Subjects
+come from seeded generators, one per subject, so the cohort is identical for a seed on any machine.
+The folder is MSD-style (``dataset.json``) plus ``splits.json`` (train/val/test case ids, split by
+subject), so the same task code trains on real data in MSD layout. Every table made from it must say
+"synthetic cohort from chest-ct": the subjects share one anatomy, so the numbers measure robustness to
+deformation and noise, not generalisation across patients.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 
 from medistill.errors import MedistillError
 from medistill.io.atomic import atomic_write_text
+from medistill.io.checks import require_ct
 from medistill.io.datasets import DatasetSpec, write_msd
 from medistill.io.images import Image, check_same_grid, read_image
 
@@ -46,6 +50,8 @@ WORD_FROM_TOTALSEG: dict[str, tuple[int, ...]] = {
     "intestine": (18,),
     "adrenal": (8, 9),
 }
+# the fixed label ids of every cohort: WORD's order, background 0
+WORD_LABELS: dict[str, int] = {"background": 0, **{name: i + 1 for i, name in enumerate(WORD_FROM_TOTALSEG)}}
 # organs whose bounding box defines the abdominal crop (the esophagus would pull it up to the neck)
 CROP_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "pancreas")
 SPLITS_FILE = "splits.json"
@@ -59,7 +65,7 @@ class CohortSpec:
     seed: int = 0
     spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
     margin_mm: float = 12.0
-    min_voxels: int = 200
+    min_volume_ml: float = 27.0  # smaller organs are left out of a label map (27 ml: 1000 voxels at 3 mm)
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)
     deform_mm: float = 5.0  # std of the displacement at each control point
     deform_points: int = 5  # control points per axis of the smooth displacement
@@ -69,6 +75,15 @@ class CohortSpec:
     noise_hu: tuple[float, float] = (5.0, 25.0)
     gain: float = 0.05  # max relative change of (HU + 1000)
     offset_hu: float = 20.0
+
+    def __post_init__(self) -> None:
+        spacing = np.asarray(self.spacing_mm, dtype=float)
+        if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+            raise MedistillError(
+                f"cohort: spacing_mm must be 3 positive lengths in mm, got {self.spacing_mm}"
+            )
+        if not self.min_volume_ml >= 0:
+            raise MedistillError(f"cohort: min_volume_ml must be >= 0 ml, got {self.min_volume_ml}")
 
 
 def _inflate(hu: torch.Tensor, affine: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
@@ -104,6 +119,7 @@ class CohortMaker:
 
     def __init__(self, ct: Image, labels: Image, spec: CohortSpec) -> None:
         check_same_grid(ct, labels, "cohort CT", "cohort label map")
+        require_ct(ct, "cohort CT", override=None)
         if ct.ndim != 3:
             raise MedistillError(f"cohort: expected a 3D CT, got shape {ct.shape}")
         self.spec = spec
@@ -132,21 +148,18 @@ class CohortMaker:
         self.affine[:3, :3] = direction * out_spacing
         start = ct.affine @ np.array([*(lo - 0.5), 1.0])  # corner of the crop
         self.affine[:3, 3] = start[:3] + direction @ (out_spacing / 2)
-        # relabel to WORD order (a lookup table), keeping organs with enough voxels in the crop
+        # relabel to the fixed WORD ids (a lookup table); organs too small in the crop map to background
         box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
         counts = np.bincount(src[box].ravel(), minlength=len(in_crop))
-        voxel_ratio = float(np.prod(spacing) / np.prod(out_spacing))
         lut = np.zeros(len(in_crop), dtype=np.uint8)
-        self.labels: dict[str, int] = {"background": 0}
-        self.dropped: dict[str, int] = {}
+        self.labels: dict[str, int] = dict(WORD_LABELS)
+        self.volume_ml: dict[str, float] = {}  # in the source crop
         for name, ids in WORD_FROM_TOTALSEG.items():
             present = [i for i in ids if i < len(counts)]
-            n_out = int(counts[present].sum() * voxel_ratio)
-            if n_out < spec.min_voxels:
-                self.dropped[name] = n_out
-                continue
-            self.labels[name] = len(self.labels)
-            lut[present] = self.labels[name]
+            self.volume_ml[name] = float(counts[present].sum() * np.prod(spacing) / 1000.0)
+            if self.volume_ml[name] >= spec.min_volume_ml:
+                lut[present] = self.labels[name]
+        self.absent = {k: v for k, v in self.volume_ml.items() if v < spec.min_volume_ml}
         # source tensors restricted to the crop + a band for the jitter to pull from
         band = np.ceil((spec.shift_mm + 4 * spec.deform_mm + 40.0) / spacing).astype(int)
         s_lo, s_hi = np.maximum(lo - band, 0), np.minimum(hi + band, src.shape)
@@ -162,7 +175,13 @@ class CohortMaker:
         self.centre = self.world.reshape(-1, 3).mean(0)
 
     def subject(self, index: int) -> tuple[Image, Image]:
-        """Subject ``index``: (CT in HU as int16-valued float32, WORD-order label map uint8)."""
+        """Subject ``index``: (CT in HU as int16-valued float32, label map uint8 with the WORD ids).
+
+        The size threshold is applied once, to the source: an organ kept there is labelled in every
+        subject where it lies in the crop, however much the jitter's zoom shrinks it (the CT still shows
+        it, and labelling it background would teach a net to miss it). An organ the jitter moves out of
+        the crop is absent from that subject's map; the other organs keep their ids.
+        """
         s = self.spec
         rng = np.random.default_rng([s.seed, index])
         rot = _rotation(np.deg2rad(rng.uniform(-1, 1, 3) * np.asarray(s.rotate_deg)))
@@ -218,12 +237,12 @@ def make_cohort(
     maker = CohortMaker(ct, labels, spec)
     if spec.n_subjects < 3:
         raise MedistillError(f"a cohort needs at least 3 subjects (train/val/test), got {spec.n_subjects}")
-    dropped = ", ".join(f"{k} ({v} voxels)" for k, v in maker.dropped.items()) or "none"
+    absent = ", ".join(f"{k} ({v:.1f} ml)" for k, v in maker.absent.items()) or "none"
     description = (
         f"synthetic cohort from chest-ct: {spec.n_subjects} subjects (seed {spec.seed}) by smooth "
         f"deformation, affine jitter and intensity/noise changes, {maker.shape} voxels at "
-        f"{tuple(spec.spacing_mm)} mm; WORD-order labels; organs dropped (< {spec.min_voxels} voxels): "
-        f"{dropped}"
+        f"{tuple(spec.spacing_mm)} mm; fixed WORD label ids; organs absent from every subject "
+        f"(< {spec.min_volume_ml:g} ml in the source): {absent}"
     )
     root = Path(out)
     dataset = write_msd(

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 from medistill.config import ExperimentConfig, StrictModel
 from medistill.engine.data import KeyedDataset
 from medistill.errors import MedistillError
+from medistill.io.checks import read_ct
 from medistill.io.images import Image, read_image, write_image
 from medistill.metrics.segmentation import dice, score_structures, summary_markdown
 from medistill.metrics.segmentation import summarise as summarise_scores
@@ -55,7 +56,7 @@ class CohortOptions(StrictModel):
     n_subjects: int = Field(12, ge=3)
     seed: int = 0
     spacing_mm: float = Field(3.0, gt=0)
-    min_voxels: int = Field(1000, ge=1, description="drop organs smaller than this in the crop")
+    min_volume_ml: float = Field(27.0, ge=0, description="organs smaller than this (ml) are left out")
 
 
 class Seg3DData(StrictModel):
@@ -284,7 +285,7 @@ class Seg3DTask(Task):
             if not (root / "dataset.json").exists():
                 c = d.cohort
                 spacing = (c.spacing_mm,) * 3
-                spec = CohortSpec(c.n_subjects, c.seed, spacing, min_voxels=c.min_voxels, split=d.split)
+                spec = CohortSpec(c.n_subjects, c.seed, spacing, min_volume_ml=c.min_volume_ml, split=d.split)
                 make_cohort(root, spec)
             path: Path = root
         else:
@@ -545,7 +546,7 @@ class Seg3DTask(Task):
 
     def predict_file(self, models: dict[str, torch.nn.Module], src: Path, dst: Path) -> Path:
         """Segment a CT with the distilled student; writes label values in the input's geometry."""
-        img = read_image(src)
+        img = read_ct(src, override=None)
         labels = self.predict_volume(models["student"], img)
         dtype = np.uint8 if max(self.values) < 256 else np.int16
         write_image(img.with_array(labels.astype(dtype)), dst, dtype=dtype)

@@ -180,6 +180,7 @@ class XrayBonesTask(Task):
     Config = XrayConfig
     val_metric = "dice"
     val_mode = "max"
+    predict_writes = "folder"  # `medistill predict --out` is a folder: a PNG per class, overlay, JSON
 
     def __init__(self, cfg: XrayConfig, run_dir: str | Path) -> None:
         super().__init__(cfg, run_dir)
