@@ -30,26 +30,25 @@ from medistill.tasks.segmentation3d import preprocess
 
 def markdown(rows: list[dict], ratios: list[dict]) -> str:
     head = (
-        "| model | params | GFLOPs / patch | patch torch s | patch ORT s | volume torch s | volume ORT s |\n"
-        "|---|---:|---:|---:|---:|---:|---:|\n"
+        "| model | params | GMACs / patch | volume torch s (min / median) | volume ORT s (min / median) |\n"
+        "|---|---:|---:|---:|---:|\n"
     )
     body = "".join(
-        f"| {r['model']} | {r['params'] / 1e6:.2f} M | {r['gflops_patch']:.1f} | {r['patch_s_torch']:.2f} | "
-        f"{r['patch_s_onnx']:.2f} | {r.get('volume_s_torch', float('nan')):.1f} | "
-        f"{r.get('volume_s_onnx', float('nan')):.1f} |\n"
+        f"| {r['model']} | {r['params'] / 1e6:.2f} M | {r['gmacs_input']:.1f} | "
+        f"{r['min_s_torch']:.1f} / {r['median_s_torch']:.1f} | {r['min_s_onnx']:.1f} / {r['median_s_onnx']:.1f} |\n"
         for r in rows
     )
     ratio = "".join(
         f"- {q['model']}: " + ", ".join(f"{k} {v:.2f}x" for k, v in q.items() if k != "model") + "\n"
         for q in ratios
     )
-    return head + body + "\nRatios against the teacher (params, speed-ups):\n" + ratio
+    return head + body + "\nRatios against the teacher (params, MACs, speed-up best backend vs best backend):\n" + ratio
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--patch", type=int, default=96)
     parser.add_argument("--spacing", type=float, default=3.0, help="whole-volume spacing in mm")
     parser.add_argument("--no-volume", action="store_true", help="patch timings only")

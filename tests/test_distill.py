@@ -154,7 +154,7 @@ def test_distill_loss_gives_gradient_to_student_and_none_to_teacher() -> None:
 
     def losses() -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         with FeatureHooks(student, student.feature_names) as taps:
-            student_out = student(x)
+            student_out = student(x, scales=True)
         teacher_out = teacher(x)
         extra = {"student_features": taps.features, "teacher_features": teacher.features}
         total, parts = distill(student_out, teacher_out, **extra)

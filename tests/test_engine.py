@@ -12,105 +12,48 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from medistill.config import ExperimentConfig, StrictModel, apply_overrides, validate_config
+from toy_tasks import GAN_STAGE, toy_cfg
+
+from medistill.config import apply_overrides, validate_config
 from medistill.engine.checkpoint import load_checkpoint, save_checkpoint
-from medistill.engine.data import GlobalBatchSampler, KeyedDataset
-from medistill.engine.trainer import Trainer
+from medistill.engine.data import GlobalBatchSampler
+from medistill.engine.stages import StageRunner
 from medistill.errors import MedistillError
-from medistill.registry import TASKS
-from medistill.tasks.base import Task
+from medistill.tasks.base import make_task
 
 
-class ToyData(StrictModel):
-    n: int = 64
-    noise: float = 0.05
+def fit(cfg, run_dir: Path, **kw) -> dict:
+    """Train the toy experiment's only stage in ``run_dir`` (as ``medistill train`` does)."""
+    return StageRunner(cfg, run_dir, make_task).run(**kw)
 
 
-class ToyConfig(ExperimentConfig):
-    task: str = "toy_regression"
-    data: ToyData = ToyData()
-
-
-class ToySet(KeyedDataset):
-    def __init__(self, n: int, noise: float, offset: int) -> None:
-        g = np.random.default_rng(1234 + offset)
-        self.x = g.normal(size=(n, 8)).astype(np.float32)
-        w = np.linspace(-1, 1, 8, dtype=np.float32)
-        self.y = (np.tanh(self.x @ w) + 0.1 * self.x[:, 0] ** 2)[:, None].astype(np.float32)
-        self.noise = noise
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def get(self, index: int, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
-        x = self.x[index]
-        if rng is not None:  # a seeded augmentation, so resume must reproduce it
-            x = x + rng.normal(scale=self.noise, size=x.shape).astype(np.float32)
-        return {"x": torch.from_numpy(x), "y": torch.from_numpy(self.y[index])}
-
-
-@TASKS.register("toy_regression")
-class ToyTask(Task):
-    Config = ToyConfig
-    val_metric = "mse"
-    val_mode = "min"
-
-    def build_data(self):
-        return ToySet(self.cfg.data.n, self.cfg.data.noise, 0), ToySet(16, 0.0, 1)
-
-    def build_models(self):
-        return {"net": torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))}
-
-    def training_step(self, batch, ctx):
-        loss = torch.nn.functional.mse_loss(ctx.models["net"](batch["x"]), batch["y"])
-        ctx.optimize("main", loss)
-        return {"loss": loss.item()}
-
-    def validate(self, ctx, loader):
-        errs = [torch.nn.functional.mse_loss(ctx.models["net"](b["x"]), b["y"]).item() for b in loader]
-        return {"mse": float(np.mean(errs))}
-
-
-def toy_cfg(**train) -> ToyConfig:
-    base = {
-        "steps": 12,
-        "batch_size": 8,
-        "lr": 0.01,
-        "log_every": 1,
-        "val_every": 4,
-        "checkpoint_every": 5,
-        "progress": False,
-    }
-    return ToyConfig(task="toy_regression", seed=7, train={**base, **train})
-
-
-def losses(run: Path) -> list[float]:
-    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["phase"] == "train"]
+def losses(run: Path, stage: str = "model", key: str = "loss") -> list[float]:
+    rows = [json.loads(ln) for ln in (run / stage / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if r["phase"] == "train"]
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path: Path) -> None:
     cfg = toy_cfg()
-    Trainer(ToyTask(cfg, tmp_path / "a"), tmp_path / "a").fit()
+    fit(cfg, tmp_path / "a")
     # "killed" after 7 steps: the last checkpoint is at step 5, steps 6-7 are redone on resume
-    Trainer(ToyTask(cfg, tmp_path / "b"), tmp_path / "b").fit(stop_at=7)
-    assert load_checkpoint(tmp_path / "b" / "last.pt")["step"] == 5
-    Trainer(ToyTask(cfg, tmp_path / "b"), tmp_path / "b").fit()
+    fit(cfg, tmp_path / "b", stop_at=7)
+    assert load_checkpoint(tmp_path / "b" / "model" / "last.pt")["step"] == 5
+    fit(cfg, tmp_path / "b")
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert len(a) == len(b) == 12
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-7)
-    wa = load_checkpoint(tmp_path / "a" / "last.pt")["models"]["net"]
-    wb = load_checkpoint(tmp_path / "b" / "last.pt")["models"]["net"]
+    wa = load_checkpoint(tmp_path / "a" / "model" / "last.pt")["models"]["net"]
+    wb = load_checkpoint(tmp_path / "b" / "model" / "last.pt")["models"]["net"]
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
     assert a[-1] < a[0]  # it learned
 
 
 def test_best_checkpoint_tracks_validation_metric(tmp_path: Path) -> None:
-    Trainer(ToyTask(toy_cfg(), tmp_path), tmp_path).fit()
-    rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    fit(toy_cfg(), tmp_path)
+    rows = [json.loads(ln) for ln in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
     val = {r["step"]: r["mse"] for r in rows if r["phase"] == "val"}
-    best = load_checkpoint(tmp_path / "best.pt")
+    best = load_checkpoint(tmp_path / "model" / "best.pt")
     assert best["best"]["value"] == pytest.approx(min(val.values()))
     assert best["step"] == min(val, key=val.get)
 
@@ -130,19 +73,20 @@ def _ddp_worker(rank: int, world: int, port: int, run_dir: str) -> None:
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
-    cfg = toy_cfg(checkpoint_every=100, val_every=100)
-    Trainer(ToyTask(cfg, run_dir), run_dir).fit()
+    fit(toy_cfg([GAN_STAGE], checkpoint_every=100, val_every=100), Path(run_dir))
 
 
-def test_two_process_gloo_ddp_matches_one_process(tmp_path: Path) -> None:
-    cfg = toy_cfg(checkpoint_every=100, val_every=100)
-    Trainer(ToyTask(cfg, tmp_path / "one"), tmp_path / "one").fit()
+def test_two_process_gloo_ddp_with_a_critic_matches_one_process(tmp_path: Path) -> None:
+    """Generator and critic both DDP-wrapped (two optimizers): 2 ranks x 4 = 1 process x 8."""
+    fit(toy_cfg([GAN_STAGE], checkpoint_every=100, val_every=100), tmp_path / "one")
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
-    w1 = load_checkpoint(tmp_path / "one" / "last.pt")["models"]["net"]
-    w2 = load_checkpoint(tmp_path / "two" / "last.pt")["models"]["net"]
-    for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(losses(tmp_path / "one"), losses(tmp_path / "two"), rtol=1e-5)
+    one = load_checkpoint(tmp_path / "one" / "gan" / "last.pt")["models"]
+    two = load_checkpoint(tmp_path / "two" / "gan" / "last.pt")["models"]
+    for model in ("net", "critic"):
+        for k in one[model]:
+            torch.testing.assert_close(one[model][k], two[model][k], rtol=1e-5, atol=1e-6)
+    for key in ("loss", "loss_d"):
+        np.testing.assert_allclose(losses(tmp_path / "one", "gan", key), losses(tmp_path / "two", "gan", key), rtol=1e-4)
 
 
 def test_sampler_ranks_partition_each_global_batch() -> None:
@@ -174,6 +118,9 @@ def test_checkpoint_with_pickled_object_is_refused(tmp_path: Path) -> None:
 
 def test_config_errors_name_the_key_and_suggest() -> None:
     raw = {"task": "toy_regression", "train": {"lrr": 0.1}}
+    staged = {"task": "toy_regression", "stages": [{"name": "a", "models": {"net": {"name": "toy_mlp", "agrs": {}}}}]}
+    with pytest.raises(MedistillError, match=r"stages\.0\.models\.net\.agrs: unknown key \(did you mean args\?\)"):
+        validate_config(staged, "exp.yaml")
     with pytest.raises(MedistillError, match=r"train\.lrr: unknown key \(did you mean lr\?\)"):
         validate_config(raw, "exp.yaml")
     with pytest.raises(MedistillError, match=r"train\.steps: Input should be greater than 0"):

@@ -41,7 +41,7 @@ def test_lung_task_learns_on_chest_ct(tmp_path: Path) -> None:
     run = tmp_path / "run"
     sets = [
         "data.size=64",
-        "model.features=[8,16,32]",
+        "stages.model.models.net.args.features=[8,16,32]",
         "train.steps=60",
         "train.batch_size=8",
         "train.val_every=30",
@@ -57,7 +57,7 @@ def test_lung_task_learns_on_chest_ct(tmp_path: Path) -> None:
     assert case["dice"] > 0.90  # the stated bound after 60 steps at 64x64
     assert (run / "report.html").stat().st_size > 10_000 and (run / "eval" / "overlay.png").exists()
     losses = [
-        json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in ln
+        json.loads(ln)["loss"] for ln in (run / "model" / "metrics.jsonl").read_text().splitlines() if '"train"' in ln
     ]
     assert losses[-1] < losses[0]
 
@@ -76,4 +76,12 @@ def test_lung_task_learns_on_chest_ct(tmp_path: Path) -> None:
 
     main(["export", str(run)])
     parity = json.loads((run / "export" / "parity.json").read_text())
-    assert parity["net"]["max_abs_diff"] < 1e-3
+    assert parity["model.net"]["max_abs_diff"] < 1e-3
+    assert parity["model.net"]["inputs"] == {"image": [1, 1, 64, 64]}  # a real validation slice
+
+    main(["bench", str(run), "--repeats", "5"])
+    profile = json.loads((run / "bench" / "profile.json").read_text())
+    row = profile["rows"][0]
+    assert row["repeats"] == 5 and 0 < row["min_s_torch"] <= row["median_s_torch"]
+    assert row["whole_inputs"]["image"][2:] == [64, 64] and row["whole_inputs"]["image"][0] > 10
+    assert profile["machine"]["cpu"] and profile["machine"]["load_avg_1min"] is not None

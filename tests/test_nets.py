@@ -31,18 +31,19 @@ def test_unet_shapes_and_deep_supervision(
 ) -> None:
     net = UNet(spatial_dims, 2, 5, features=features, deep_supervision=True, upsample=upsample)
     x = torch.randn(2, 2, *([size] * spatial_dims))
-    outs = net.train()(x)
-    assert isinstance(outs, list) and len(outs) == len(features) - 1
+    outs = net.eval()(x, scales=True)  # asked for explicitly, in eval mode too
+    assert isinstance(outs, list) and len(outs) == len(features) - 1 == net.n_scales
     for s, out in enumerate(outs):  # [full, 1/2, 1/4, ...], each at its own resolution
         assert out.shape == (2, 5, *([size // 2**s] * spatial_dims))
-    y = net.eval()(x)
+    y = net.train()(x)  # training mode alone never changes what forward returns
     assert isinstance(y, torch.Tensor) and y.shape == (2, 5, *([size] * spatial_dims))
 
 
 def test_unet_without_deep_supervision_returns_a_tensor_in_training() -> None:
     net = UNet(2, 1, 3).train()
     assert net(torch.randn(1, 1, 16, 16)).shape == (1, 3, 16, 16)
-    assert len(net.heads) == 1  # no unused deep-supervision heads
+    assert len(net.heads) == 1 == net.n_scales  # no unused deep-supervision heads
+    assert [o.shape for o in net(torch.randn(1, 1, 16, 16), scales=True)] == [(1, 3, 16, 16)]
 
 
 def test_unet_rejects_indivisible_input_naming_the_multiple() -> None:
@@ -96,9 +97,10 @@ def test_lcovnet_released_widths_have_spec_parameter_count() -> None:
 def test_lcovnet_3d_shapes_with_deep_supervision() -> None:
     net = LCOVNet(3, 1, 17, features=(4, 4, 8, 8, 8))
     x = torch.randn(1, 1, 32, 32, 48)
-    outs = net.train()(x)
+    outs = net(x, scales=True)
     assert [tuple(o.shape) for o in outs] == [(1, 17, 32 // 2**s, 32 // 2**s, 48 // 2**s) for s in range(4)]
-    y = net.eval()(x)
+    assert net.n_scales == 4
+    y = net.train()(x)
     assert isinstance(y, torch.Tensor) and y.shape == (1, 17, 32, 32, 48)
     with pytest.raises(ValueError, match="divisible by 16"):
         net(torch.randn(1, 1, 32, 32, 40))
@@ -130,13 +132,14 @@ def test_lacb_l_gate_can_suppress_only_without_the_released_relu6() -> None:
 def test_dynunet_teacher_returns_native_resolution_deep_supervision() -> None:
     net = DynUNetTeacher(3, 1, 5, features=(4, 8, 8, 8), strides=(1, (1, 2, 2), 2, 2), deep_supr_num=2)
     x = torch.randn(1, 1, 8, 16, 16)
-    outs = net.train()(x)
+    outs = net.eval()(x, scales=True)
+    assert net.n_scales == 3
     assert [tuple(o.shape[2:]) for o in outs] == [
         (8, 16, 16),
         (8, 8, 8),
         (4, 4, 4),
     ]  # anisotropic first stride
-    assert net.eval()(x).shape == (1, 5, 8, 16, 16)
+    assert net.train()(x).shape == (1, 5, 8, 16, 16)
     assert all(name in dict(net.named_modules()) for name in net.feature_names)
     with pytest.raises(ValueError, match=r"divisible by \(4, 8, 8\)"):
         net(torch.randn(1, 1, 8, 16, 12))

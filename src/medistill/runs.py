@@ -15,12 +15,7 @@ import yaml
 from medistill.config import ExperimentConfig, dump_config, validate_config
 from medistill.errors import MedistillError
 from medistill.io.atomic import atomic_write_text
-from medistill.registry import TASKS
-from medistill.tasks.base import Task
-
-
-def make_task(cfg: ExperimentConfig, run_dir: Path) -> Task:
-    return TASKS.get(cfg.task)(cfg, run_dir)
+from medistill.tasks.base import Task, make_task
 
 
 def prepare_run(cfg: ExperimentConfig, run_dir: Path, overwrite: bool = False) -> Task:
@@ -30,14 +25,17 @@ def prepare_run(cfg: ExperimentConfig, run_dir: Path, overwrite: bool = False) -
     if cfg_path.exists() and not overwrite:
         old = yaml.safe_load(cfg_path.read_text())
         new = yaml.safe_load(text)
-        old.get("train", {}).pop("steps", None), new.get("train", {}).pop("steps", None)
+        for raw in (old, new):  # steps may change (the engine refuses a schedule restarted mid-way)
+            raw.get("train", {}).pop("steps", None)
+            for stage in raw.get("stages") or []:
+                stage.pop("steps", None)
         if old != new:
             raise MedistillError(
                 f"{run_dir} already holds a different experiment (config.yaml differs); "
                 "choose another --out, or pass --overwrite to start afresh there"
             )
     if overwrite and run_dir.exists():
-        for pattern in ("*last.pt", "*best.pt", "metrics.jsonl"):  # every stage's checkpoints and logs
+        for pattern in ("last.pt", "best.pt", "metrics.jsonl", "splits.json"):  # every stage's files
             for p in run_dir.rglob(pattern):
                 p.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)

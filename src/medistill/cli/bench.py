@@ -1,8 +1,11 @@
-"""``medistill bench RUN``: parameters, FLOPs and CPU latency of a run's teacher and student, side by side.
+"""``medistill bench RUN``: parameters, MACs and CPU latency of a run's deployable networks, side by side.
 
-Latency is measured here, on this machine, for one training-size patch and for a whole CT volume by
-sliding window (the chest-ct example, or ``--volume FILE``), with PyTorch and onnxruntime at the same
-thread count. Results go to ``RUN/bench/profile.json`` and are printed as a table.
+Works on every task: each deployable network (``export:`` of the config, default each stage's first
+model) is exported to ONNX and timed on one whole case as deployed (a whole image, a stack of slices, or
+a whole volume by sliding window), with PyTorch and onnxruntime at the same thread count, after a
+warm-up, min and median of ``--repeats`` (>= 5) runs. Ratios compare each network with the first one
+(the teacher), best backend against best backend. The CPU model, thread count and load average are
+printed and stored with the numbers in ``RUN/bench/profile.json``.
 """
 
 from __future__ import annotations
@@ -14,73 +17,51 @@ from rich.console import Console
 from rich.table import Table
 
 from medistill.cli import app
+from medistill.errors import MedistillError
 
 
 @app.command()
 def bench(
-    run: Path = typer.Argument(..., help="run folder (a trained seg3d run)"),
+    run: Path = typer.Argument(..., help="run folder (any task)"),
     threads: int = typer.Option(2, help="intra-op threads for PyTorch and onnxruntime alike"),
-    repeats: int = typer.Option(3, help="timed repeats per patch measurement (median reported)"),
-    volume: Path | None = typer.Option(None, help="CT for the whole-volume timing (default: chest-ct)"),
-    whole_volume: bool = typer.Option(True, help="also time a whole volume by sliding window"),
+    repeats: int = typer.Option(5, help="timed repeats per backend (min and median reported; >= 5)"),
 ) -> None:
-    """Profile the run's exportable networks (params, FLOPs, latency torch vs onnxruntime)."""
-    import torch
-
-    from medistill.deploy.profile import machine_info, profile_model, speedup_table
-    from medistill.io.images import read_image
+    """Profile the run's deployable networks (params, MACs, latency PyTorch vs onnxruntime)."""
+    from medistill.deploy.export import export_with_parity
+    from medistill.deploy.profile import machine_info, profile_network, speedup_table
     from medistill.runs import open_run, write_json
 
+    if repeats < 5:
+        raise MedistillError(f"--repeats {repeats}: at least 5 timed repeats are needed for a median")
     task = open_run(run)
-    models = task.load_models("best")
-    examples = task.example_inputs()
-    patch = tuple(int(s) for s in next(iter(examples.values())).shape[2:])
-    vol_tensor = None
-    vol_name = None
-    if whole_volume:
-        from medistill.io.examples import example_file
-        from medistill.tasks.segmentation3d import preprocess
-
-        src = volume or example_file("chest-ct", "cxr.nii.gz")
-        d = task.cfg.data
-        vol = preprocess(read_image(src), d.spacing_mm, d.hu_window)
-        vol_tensor = torch.from_numpy(vol.image)[None, None]
-        vol_name = str(src)
-    rows = [
-        profile_model(
-            name,
-            models[name],
-            patch,
-            run / "bench" / f"{name}.onnx",
-            threads,
-            repeats,
-            vol_tensor,
-            task.cfg.data.sw_overlap,
-        )
-        for name in examples
-    ]
-    reference = "teacher" if "teacher" in examples else rows[0]["model"]
-    result = {
-        "machine": machine_info(),
-        "volume": vol_name,
-        "rows": rows,
-        "ratios": speedup_table(rows, reference),
-    }
+    rows, cases = [], {}
+    for stage, model in task.runner.deployables():
+        name = f"{stage}.{model}"
+        net = task.stage_model(stage, model)
+        inputs = task.deploy_inputs(stage, model)
+        path = run / "bench" / f"{name}.onnx"
+        export_with_parity(net, inputs, path, dynamic_spatial=task.dynamic_spatial(stage, model))
+        case, whole = task.whole_input(stage, model)
+        cases[name] = case
+        rows.append(profile_network(name, net, path, inputs, whole, task.whole_inference, threads, repeats))
+    reference = rows[0]["model"]
+    machine = machine_info()
+    result = {"machine": machine, "cases": cases, "rows": rows, "ratios": speedup_table(rows, reference)}
     write_json(run / "bench" / "profile.json", result)
-    table = Table(title=f"{run}: CPU cost, {threads} threads (reference {reference})")
-    columns = [
-        "model",
-        "params",
-        "gflops_patch",
-        "patch_s_torch",
-        "patch_s_onnx",
-        "volume_s_torch",
-        "volume_s_onnx",
-    ]
-    for c in columns:
+    typer.echo(
+        f"{machine['cpu']}, {machine['nproc']} CPUs, {threads} threads, load average "
+        f"{machine['load_avg_1min']:.2f}; min / median of {repeats} runs after a warm-up"
+    )
+    table = Table(title=f"{run}: one whole case per network (reference {reference})")
+    columns = ["model", "params", "gmacs_whole", "min_s_torch", "median_s_torch", "min_s_onnx", "median_s_onnx"]
+    for c in [*columns, "best_backend"]:
         table.add_column(c, justify="right")
     for r in rows:
-        table.add_row(*(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns))
+        table.add_row(
+            *(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in [*columns, "best_backend"])
+        )
     Console().print(table)
+    for name, case in cases.items():
+        typer.echo(f"  {name}: {case}")
     for r in result["ratios"]:
         typer.echo("  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))

@@ -21,21 +21,17 @@ SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="override a config value: a.b=c (repeatable)")
 ]
 OverwriteOpt = Annotated[bool, typer.Option(help="start afresh in an existing run folder")]
+StageOpt = Annotated[str | None, typer.Option("--stage", help="run only this stage (its inputs must be trained)")]
 
 
-def _train(config: Path, out: Path | None, overrides: list[str], overwrite: bool) -> Path:
+def _train(config: Path, out: Path | None, overrides: list[str], overwrite: bool, stage: str | None = None) -> Path:
     from medistill.config import load_config
     from medistill.runs import prepare_run
 
     cfg = load_config(config, overrides)
     run_dir = out or Path("runs") / cfg.name
     task = prepare_run(cfg, run_dir, overwrite=overwrite)
-    if hasattr(task, "fit"):  # multi-stage tasks (teacher -> student) drive the engine themselves
-        task.fit()
-    else:
-        from medistill.engine.trainer import Trainer
-
-        Trainer(task, run_dir).fit()
+    task.runner.run(only=stage)
     return run_dir
 
 
@@ -62,7 +58,7 @@ def _evaluate(run_dir: Path) -> dict:
     task = open_run(run_dir)
     out_dir = run_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = task.evaluate(task.load_models("best"), out_dir)
+    result = task.evaluate(out_dir)
     write_json(out_dir / "metrics.json", result)
     _print_cases(result)
     return result
@@ -70,10 +66,14 @@ def _evaluate(run_dir: Path) -> dict:
 
 @app.command()
 def train(
-    config: ConfigArg, out: OutOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False
+    config: ConfigArg,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    stage: StageOpt = None,
 ) -> None:
-    """Train the experiment described by CONFIG (resumes from RUN/last.pt if present)."""
-    run_dir = _train(config, out, set_ or [], overwrite)
+    """Train the stages of CONFIG in order, skipping finished ones and resuming RUN/<stage>/last.pt."""
+    run_dir = _train(config, out, set_ or [], overwrite, stage)
     typer.echo(str(run_dir))
 
 
@@ -101,7 +101,7 @@ def predict(
         check_output_folder(out, inputs=[input])
     else:
         check_output_path(out, writes, inputs=[input])
-    task.predict_file(task.load_models("best"), input, out)
+    task.predict_file(input, out)
     typer.echo(str(out))
 
 
@@ -148,7 +148,7 @@ def report_run(run: Path = typer.Argument(..., help="run folder")) -> None:
 def run_all(
     config: ConfigArg, out: OutOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False
 ) -> None:
-    """Train, evaluate and report in one go (the whole pipeline of CONFIG)."""
+    """Train every stage (skipping finished ones), evaluate and report: the whole pipeline of CONFIG."""
     run_dir = _train(config, out, set_ or [], overwrite)
     _evaluate(run_dir)
     typer.echo(str(_report(run_dir)))
@@ -157,18 +157,24 @@ def run_all(
 @app.command()
 def export(
     run: Path = typer.Argument(..., help="run folder"),
-    tolerance: float = typer.Option(1e-3, help="max allowed |onnx - torch| on the example input"),
+    tolerance: float = typer.Option(1e-3, help="max allowed |onnx - torch| on a real input of the run"),
 ) -> None:
-    """Export the run's trained networks to RUN/export/<name>.onnx and check ONNX vs PyTorch outputs."""
+    """Export the run's deployable networks to RUN/export/<stage>.<model>.onnx with a parity check on
+    real inputs from the run's data (named inputs, dynamic spatial axes where the network allows)."""
     from medistill.deploy.export import export_with_parity
     from medistill.runs import open_run, write_json
 
     task = open_run(run)
-    models = task.load_models("best")
     report = {}
-    for name, example in task.example_inputs().items():
-        path = run / "export" / f"{name}.onnx"
-        diff = export_with_parity(models[name], example, path, tolerance=tolerance)
-        report[name] = {"onnx": str(path), "max_abs_diff": diff, "input_shape": list(example.shape)}
+    for stage, model in task.runner.deployables():
+        net = task.stage_model(stage, model)
+        inputs = task.deploy_inputs(stage, model)
+        path = run / "export" / f"{stage}.{model}.onnx"
+        diff = export_with_parity(net, inputs, path, tolerance=tolerance, dynamic_spatial=task.dynamic_spatial(stage, model))
+        report[f"{stage}.{model}"] = {
+            "onnx": str(path),
+            "max_abs_diff": diff,
+            "inputs": {k: list(v.shape) for k, v in inputs.items()},
+        }
         typer.echo(f"{path}  max |onnx - torch| = {diff:.2e}")
     write_json(run / "export" / "parity.json", report)

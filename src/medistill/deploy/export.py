@@ -16,36 +16,61 @@ from medistill.errors import MedistillError
 from medistill.io.atomic import atomic_path
 
 
+Inputs = dict[str, torch.Tensor]
+
+
+def as_inputs(example: torch.Tensor | Inputs) -> Inputs:
+    """Named inputs (a single tensor is called ``input``), in the order the network's forward takes them."""
+    return {"input": example} if isinstance(example, torch.Tensor) else dict(example)
+
+
 def export_onnx(
     model: torch.nn.Module,
-    example: torch.Tensor,
+    example: torch.Tensor | Inputs,
     path: str | Path,
     dynamic_batch: bool = True,
     dynamic_spatial: bool = False,
     opset: int = 17,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Export ``model`` (in eval mode, on CPU) to ``path`` atomically; input ``input``, output ``output``."""
+    """Export ``model`` (in eval mode, on CPU) to ``path`` atomically.
+
+    ``example``: one tensor, or ``{name: tensor}`` passed positionally in that order (a registration
+    network takes ``fixed`` and ``moving``); the ONNX inputs carry those names, the output is ``output``.
+    ``dynamic_spatial`` leaves every axis after the channel free (fully convolutional networks);
+    ``metadata`` is stored in the model's ``metadata_props`` (the preprocessing contract).
+    """
     model = model.eval().cpu()
-    example = example.cpu()
-    axes: dict[int, str] = {}
-    if dynamic_batch:
-        axes[0] = "batch"
-    if dynamic_spatial:
-        axes.update({d: f"s{d - 2}" for d in range(2, example.ndim)})
-    dyn = {"input": axes, "output": axes} if axes else None
+    inputs = {k: v.cpu() for k, v in as_inputs(example).items()}
+    dyn: dict[str, dict[int, str]] = {}
+    for name, x in inputs.items():
+        axes: dict[int, str] = {0: "batch"} if dynamic_batch else {}
+        if dynamic_spatial:
+            axes.update({d: f"s{d - 2}" for d in range(2, x.ndim)})
+        if axes:
+            dyn[name] = axes
+    if dyn:
+        dyn["output"] = next(iter(dyn.values()))
     with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         # instance norm always uses input statistics; the exporter's warning about it is noise
         warnings.filterwarnings("ignore", message=".*instance_norm.*")
         torch.onnx.export(
             model,
-            (example,),
+            tuple(inputs.values()),
             str(tmp),
-            input_names=["input"],
+            input_names=list(inputs),
             output_names=["output"],
-            dynamic_axes=dyn,
+            dynamic_axes=dyn or None,
             opset_version=opset,
             dynamo=False,
         )
+        if metadata:
+            import onnx
+
+            proto = onnx.load(str(tmp))
+            for key, value in metadata.items():
+                proto.metadata_props.add(key=key, value=str(value))
+            onnx.save(proto, str(tmp))
     return Path(path)
 
 
@@ -60,18 +85,19 @@ def onnx_session(path: str | Path, threads: int | None = None):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def parity(model: torch.nn.Module, path: str | Path, example: torch.Tensor) -> float:
-    """Max |onnxruntime - torch| on ``example``."""
+def parity(model: torch.nn.Module, path: str | Path, example: torch.Tensor | Inputs) -> float:
+    """Max |onnxruntime - torch| on ``example`` (one tensor or named inputs)."""
+    inputs = {k: v.cpu() for k, v in as_inputs(example).items()}
     with torch.no_grad():
-        ref = model.eval().cpu()(example.cpu())
+        ref = model.eval().cpu()(*inputs.values())
     if isinstance(ref, list | tuple):
         ref = ref[0]
-    out = onnx_session(path).run(None, {"input": example.cpu().numpy()})[0]
+    out = onnx_session(path).run(None, {k: v.numpy() for k, v in inputs.items()})[0]
     return float(np.max(np.abs(out - ref.numpy())))
 
 
 def export_with_parity(
-    model: torch.nn.Module, example: torch.Tensor, path: str | Path, tolerance: float = 1e-3, **kw
+    model: torch.nn.Module, example: torch.Tensor | Inputs, path: str | Path, tolerance: float = 1e-3, **kw
 ) -> float:
     """Export, then check parity; raise if outputs disagree by more than ``tolerance``."""
     export_onnx(model, example, path, **kw)

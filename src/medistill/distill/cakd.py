@@ -7,6 +7,11 @@ are compared column by column with cosine similarity. Deviations: the released c
 size 2 (crashes for 1, ignores samples beyond 2); we vectorise over any batch. We report
 ``mean(1 - cos)`` in ``[0, 1]`` (zero when equal) instead of ``-mean(cos)`` in ``[-1, 0]``: the same
 gradient, a readable value. An optional temperature (default 1, as released) softens ``Q``.
+
+CAKD is defined for softmax outputs; for a multi-label sigmoid head (``activation="sigmoid"``) it is
+applied to the per-pixel distribution over "class k" (sigmoid probabilities) plus "no class" (their joint
+complement), normalised (:func:`multilabel_affinity_logits`), which equals the softmax case when the
+classes are exclusive.
 """
 
 from __future__ import annotations
@@ -20,6 +25,16 @@ from torch.nn import functional as F
 
 from medistill.distill.kd import Outputs, check_same_shape, paired_scales, weighted_over_scales
 from medistill.registry import DISTILLERS
+
+
+ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def multilabel_affinity_logits(logits: torch.Tensor) -> torch.Tensor:
+    """``B K *S`` sigmoid logits -> ``B K+1 *S`` logits whose softmax is ``(p_1..p_K, prod(1 - p_k)) / Z``:
+    the sigmoid probabilities and the probability of no label, normalised per pixel."""
+    none = F.logsigmoid(-logits.float()).sum(dim=1, keepdim=True)
+    return torch.cat([F.logsigmoid(logits.float()), none], dim=1)
 
 
 def class_affinity(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -43,18 +58,27 @@ def cakd_divergence(
 class CAKD(nn.Module):
     """CAKD summed over deep-supervision scales with weights ``w_s`` (default [0.4, 0.2, 0.2, 0.2]).
 
-    ``loss(student_out, teacher_out)``: logits or lists finest first; the finest ``min(n_S, n_T)`` scales
-    are used and each pair must have equal shapes.
+    ``loss(student_out, teacher_out)``: logits or lists finest first, with as many scales on both sides
+    (refused otherwise), each pair of equal shape. ``activation``: "softmax" (multi-class logits) or
+    "sigmoid" (multi-label logits, see the module docstring).
     """
 
-    def __init__(self, temperature: float = 1.0, scale_weights: Sequence[float] | None = None) -> None:
+    multiscale = True  # takes every deep-supervision output (the stage runner checks the pairing)
+
+    def __init__(
+        self, temperature: float = 1.0, scale_weights: Sequence[float] | None = None, activation: str = "softmax"
+    ) -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"CAKD activation {activation!r} is not one of {ACTIVATIONS}")
         self.temperature = temperature
         self.scale_weights = scale_weights
+        self.activation = activation
 
     def forward(self, student_out: Outputs, teacher_out: Outputs, **_extra: Any) -> torch.Tensor:
+        prep = multilabel_affinity_logits if self.activation == "sigmoid" else (lambda z: z)
         return weighted_over_scales(
             paired_scales(student_out, teacher_out),
-            lambda s, t: cakd_divergence(s, t, self.temperature),
+            lambda s, t: cakd_divergence(prep(s), prep(t), self.temperature),
             self.scale_weights,
         )

@@ -37,9 +37,17 @@ def as_scales(out: Outputs | Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
 
 
 def paired_scales(student_out: Outputs, teacher_out: Outputs) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Pairs ``(student, detached teacher)`` over the scales both provide (the finest ``min(n_S, n_T)``)."""
+    """Pairs ``(student, detached teacher)`` scale by scale, finest first.
+
+    Unequal numbers of scales are refused (never silently truncated to the common finest ones): a
+    multi-scale distiller would otherwise drop the scales one side lacks without a word.
+    """
     s, t = as_scales(student_out), as_scales(teacher_out)
-    return [(si, ti.detach()) for si, ti in zip(s, t, strict=False)]
+    if len(s) != len(t):
+        raise ValueError(
+            f"multi-scale KD: the student gives {len(s)} scale(s) and the teacher {len(t)}; they must match"
+        )
+    return [(si, ti.detach()) for si, ti in zip(s, t, strict=True)]
 
 
 def default_scale_weights(n: int) -> list[float]:
@@ -109,8 +117,25 @@ class LogitKD(nn.Module):
         self.mode = mode
 
     def forward(self, student_out: Outputs, teacher_out: Outputs, **_extra: Any) -> torch.Tensor:
-        s, t = paired_scales(student_out, teacher_out)[0]
+        s, t = as_scales(student_out)[0], as_scales(teacher_out)[0].detach()
         return kd_divergence(s, t, self.temperature, self.mode)
+
+
+@DISTILLERS.register("output_match")
+class OutputMatch(nn.Module):
+    """Regression KD: the student's output matches the frozen teacher's, by L1 or mean squared error
+    (e.g. an artifact-reduced image or a displacement field; DGKD's L1-to-teacher term)."""
+
+    def __init__(self, norm: str = "l1") -> None:
+        super().__init__()
+        if norm not in ("l1", "l2"):
+            raise ValueError(f"output_match norm {norm!r} is not l1 or l2")
+        self.norm = norm
+
+    def forward(self, student_out: Outputs, teacher_out: Outputs, **_extra: Any) -> torch.Tensor:
+        s, t = as_scales(student_out)[0].float(), as_scales(teacher_out)[0].detach().float()
+        check_same_shape(s, t, "output_match")
+        return F.l1_loss(s, t) if self.norm == "l1" else F.mse_loss(s, t)
 
 
 @DISTILLERS.register("feature_kd")

@@ -30,9 +30,11 @@ class MSKD(nn.Module):
         mode: "softmax" (multi-class) or "sigmoid" (multi-label); see
             :func:`~medistill.distill.kd.kd_divergence`.
 
-    ``loss(student_out, teacher_out)``: logits ``B K *S`` or lists finest first; the finest
-    ``min(n_S, n_T)`` scales are paired and must have equal shapes.
+    ``loss(student_out, teacher_out)``: logits ``B K *S`` or lists finest first, with as many scales on
+    both sides (refused otherwise), each pair of equal shape.
     """
+
+    multiscale = True  # takes every deep-supervision output (the stage runner checks the pairing)
 
     def __init__(
         self, temperature: float = 1.0, scale_weights: Sequence[float] | None = None, mode: str = "softmax"

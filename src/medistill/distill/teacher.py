@@ -91,9 +91,8 @@ class FrozenTeacher(nn.Module):
     Args:
         model: the teacher network (not modified beyond ``eval()``, ``requires_grad_(False)`` and hooks).
         feature_names: submodule names whose outputs to record (e.g. ``model.feature_names``).
-        multiscale: return all deep-supervision outputs. Our nets return them only when their *root*
-            module is in training mode, so in this mode only the root's ``training`` flag is set while
-            every layer (BN, dropout) stays in eval: the outputs equal the eval-mode logits at each scale.
+        multiscale: return all deep-supervision outputs, asked for explicitly with ``model(x, scales=True)``
+            (the teacher stays in eval mode: BN running statistics, no dropout).
 
     ``forward(x)``: ``B C *S`` -> the teacher's output (a tensor, or a list finest first when
     ``multiscale``), computed under ``no_grad``; the hooked features are then in :attr:`features`.
@@ -133,12 +132,15 @@ class FrozenTeacher(nn.Module):
         """Hooked features of the last forward, by submodule name."""
         return self.hooks.features
 
+    @property
+    def n_scales(self) -> int:
+        """How many outputs :meth:`forward` returns (1 unless ``multiscale``)."""
+        return int(getattr(self.model, "n_scales", 1)) if self.multiscale else 1
+
     def train(self, mode: bool = True) -> FrozenTeacher:
         """Keep every layer in eval mode whatever ``mode`` says (a teacher never trains)."""
-        super().train(False)
-        self.model.training = self.multiscale  # root flag only: selects deep-supervision outputs
-        return self
+        return super().train(False)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> Any:
-        return self.model(x)
+        return self.model(x, scales=True) if self.multiscale else self.model(x)

@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+from medistill.losses.adversarial import GANLoss, gradient_penalty
+from medistill.losses.image import L1, MSE
 from medistill.losses.segmentation import DeepSupervisionLoss, DiceBCE, DiceCE, build_loss, downsample_target
 
-__all__ = ["DeepSupervisionLoss", "DiceBCE", "DiceCE", "build_loss", "downsample_target"]
+__all__ = [
+    "L1",
+    "MSE",
+    "DeepSupervisionLoss",
+    "DiceBCE",
+    "DiceCE",
+    "GANLoss",
+    "build_loss",
+    "downsample_target",
+    "gradient_penalty",
+]

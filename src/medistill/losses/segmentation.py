@@ -139,6 +139,8 @@ class DeepSupervisionLoss(nn.Module):
     ``B K *S`` masks at full resolution.
     """
 
+    multiscale = True  # takes every deep-supervision output
+
     def __init__(
         self,
         loss: nn.Module | str | Mapping[str, Any] = "dice_ce",

@@ -132,7 +132,7 @@ class LCOVNet(nn.Module):
         out_channels: classes (17 for WORD: background + 16 organs).
         features: 5 widths ``[e1, e2, e3, e4, bottleneck]``; released [32, 64, 128, 256, 256] (2.79 M
             parameters), PyMIC default [32, 64, 128, 256, 512], released cfg [16, 32, 64, 128, 256].
-        deep_supervision: 1x1 heads at scales 1, 1/2, 1/4, 1/8; in training ``forward`` returns all four.
+        deep_supervision: 1x1 heads at scales 1, 1/2, 1/4, 1/8; ``forward(x, scales=True)`` returns all four.
         dropout: dropout probability in every block (0.2 as released).
         kernel_orientation: "paper" (through-plane 1-D conv first) or "code" (see module docstring).
         exact: reproduce the released quirks (ReLU6 before the LACB-L sigmoid, element-wise dropout).
@@ -176,8 +176,14 @@ class LCOVNet(nn.Module):
         self.heads = nn.ModuleList(conv(f[s], out_channels, 1) for s in range(4 if deep_supervision else 1))
         self.feature_names: tuple[str, ...] = tuple(f"decoders.{s}" for s in range(4))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """``x``: ``B C *S`` -> logits ``B K *S``, or (training + deep supervision) 4 scales finest first."""
+    @property
+    def n_scales(self) -> int:
+        """How many outputs ``forward(x, scales=True)`` returns (4 with deep supervision, else 1)."""
+        return len(self.heads)
+
+    def forward(self, x: torch.Tensor, scales: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """``x``: ``B C *S`` -> logits ``B K *S``; with ``scales=True`` the :attr:`n_scales` deep-supervision
+        logits as a list, finest first (asked for explicitly, whatever the train/eval mode)."""
         # 4 poolings, then the attention's 4^d average pool at 1/8 needs at least 4 voxels per axis
         check_divisible(x, self.divisor, type(self).__name__, minimum=32)
         skips: list[torch.Tensor] = []
@@ -190,6 +196,6 @@ class LCOVNet(nn.Module):
             x = self.decoders[s](torch.cat([self.ups[s](x), skips[s]], dim=1))
             decoded.append(x)
         decoded.reverse()
-        if self.deep_supervision and self.training:
+        if scales:
             return [head(feat) for head, feat in zip(self.heads, decoded, strict=False)]
         return self.heads[0](decoded[0])

@@ -34,7 +34,7 @@ class DynUNetTeacher(nn.Module):
         features: width per level (nnU-Net 3D full-res: 32, 64, 128, 256, 320, 320).
         strides: down-sampling stride per level (the first is 1); an int or one per axis for anisotropic
             data, e.g. ``(1, (1, 2, 2), 2, 2, 2, 2)``.
-        deep_supervision: in training, return logits at the ``1 + deep_supr_num`` finest scales.
+        deep_supervision: ``forward(x, scales=True)`` returns logits at the ``1 + deep_supr_num`` finest scales.
         deep_supr_num: coarse deep-supervision outputs (3 gives scales 1, 1/2, 1/4, 1/8 as in LCOV-Net).
         norm, act: as DynUNet (affine instance norm, LeakyReLU 0.01: nnU-Net's choices).
         dropout: dropout probability in the conv blocks.
@@ -86,11 +86,17 @@ class DynUNetTeacher(nn.Module):
         # DynUNet's upsamples run coarse -> fine; the last one is the full-resolution decoder output
         self.feature_names: tuple[str, ...] = tuple(f"net.upsamples.{n_up - 1 - s}" for s in range(n_scales))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """``x``: ``B C *S`` -> logits ``B K *S``, or (training + deep supervision) a list finest first."""
+    @property
+    def n_scales(self) -> int:
+        """How many outputs ``forward(x, scales=True)`` returns (``1 + deep_supr_num``, or 1)."""
+        return len(self.feature_names)
+
+    def forward(self, x: torch.Tensor, scales: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """``x``: ``B C *S`` -> logits ``B K *S``; with ``scales=True`` the :attr:`n_scales` deep-supervision
+        logits as a list, finest first (asked for explicitly, whatever the train/eval mode)."""
         check_divisible(x, self.divisor, type(self).__name__)
         out = self.net.output_block(self.net.skip_layers(x))
-        if self.deep_supervision and self.training:
+        if scales:
             # DynUNet's skip layers leave the raw coarse head outputs in ``net.heads`` (finest first)
-            return [out, *self.net.heads]
+            return [out, *self.net.heads] if self.deep_supervision else [out]
         return out

@@ -39,7 +39,7 @@ class UNet(nn.Module):
         out_channels: logit channels (classes, or labels for a sigmoid head).
         features: width of each level, finest first; ``len(features) - 1`` poolings.
         norm: MONAI norm name or ``(name, kwargs)``; ``"instance"`` is affine, ``"none"`` disables it.
-        deep_supervision: add 1x1 heads on every decoder level; in training mode ``forward`` then returns
+        deep_supervision: add 1x1 heads on every decoder level; ``forward(x, scales=True)`` then returns
             logits at ``[1, 1/2, 1/4, ...]`` resolution (one per decoder level).
         dropout: channel-dropout probability after every conv-norm-act.
         act: MONAI activation name or ``(name, kwargs)``.
@@ -99,8 +99,14 @@ class UNet(nn.Module):
         )
         self.feature_names: tuple[str, ...] = tuple(f"decoders.{s}" for s in range(levels - 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """``x``: ``B C *S`` -> logits ``B K *S``, or (training + deep supervision) a list finest first."""
+    @property
+    def n_scales(self) -> int:
+        """How many outputs ``forward(x, scales=True)`` returns (1 without deep supervision)."""
+        return len(self.heads)
+
+    def forward(self, x: torch.Tensor, scales: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """``x``: ``B C *S`` -> logits ``B K *S``; with ``scales=True`` the :attr:`n_scales` deep-supervision
+        logits as a list, finest first (asked for explicitly, whatever the train/eval mode)."""
         check_divisible(x, self.divisor, type(self).__name__)
         skips: list[torch.Tensor] = []
         for i, enc in enumerate(self.encoders):
@@ -112,6 +118,6 @@ class UNet(nn.Module):
             x = self.decoders[s](torch.cat([skips[s], self.ups[s](x)], dim=1))
             decoded.append(x)
         decoded.reverse()  # finest first
-        if self.deep_supervision and self.training:
+        if scales:
             return [head(f) for head, f in zip(self.heads, decoded, strict=False)]
         return self.heads[0](decoded[0])

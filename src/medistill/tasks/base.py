@@ -1,25 +1,38 @@
-"""The task contract: what a system (segmentation, registration, MAR, ...) gives the engine.
+"""The task contract: what a system (segmentation, registration, MAR, ...) gives the engine and the CLI.
 
-A task is registered in :data:`medistill.registry.TASKS`; its ``Config`` is the pydantic schema of
-its experiment YAML. The engine calls, in order: :meth:`build_data`, :meth:`build_models`,
-:meth:`build_frozen`, :meth:`build_optimizers`, then :meth:`training_step` per step and
-:meth:`validate` every ``train.val_every`` steps. ``medistill predict/evaluate/export`` call
-:meth:`load` and the task's own functions.
+A task is registered in :data:`medistill.registry.TASKS`; its ``Config`` is the pydantic schema of its
+experiment YAML, whose ``stages:`` list the engine runs (:mod:`medistill.engine.stages`). A task
+implements the engine's protocol (:class:`medistill.engine.protocol.StageTask`): :meth:`build_data`,
+:meth:`build_model`, :meth:`training_step`, :meth:`validate`, :meth:`splits`; and, for the verbs after
+training, :meth:`evaluate`, :meth:`predict_file`, :meth:`deploy_inputs`, :meth:`whole_input` and
+:meth:`whole_inference`. Trained networks are loaded with :meth:`stage_model`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch.utils.data import Dataset
 
-from medistill.config import ExperimentConfig
+from medistill.config import ExperimentConfig, ModelSpec
+from medistill.errors import MedistillError
+from medistill.registry import NETS, TASKS
 
 if TYPE_CHECKING:
+    from medistill.engine.stages import StageRunner
     from medistill.engine.trainer import StepContext
+
+#: ``{input name: tensor}`` -> output, by PyTorch or onnxruntime (see :mod:`medistill.deploy.profile`)
+Predictor = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+def make_task(cfg: ExperimentConfig, run_dir: Path) -> Task:
+    """The task object of an experiment (by its ``task`` key)."""
+    return TASKS.get(cfg.task)(cfg, run_dir)
 
 
 class Task(ABC):
@@ -32,24 +45,26 @@ class Task(ABC):
     def __init__(self, cfg: ExperimentConfig, run_dir: str | Path) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self._runner: StageRunner | None = None
 
+    # --- the engine's protocol ---------------------------------------------------------------------
     @abstractmethod
     def build_data(self) -> tuple[Dataset, Dataset | None]:
         """Training set (a :class:`~medistill.engine.data.KeyedDataset`) and validation set or None."""
 
-    @abstractmethod
-    def build_models(self) -> dict[str, torch.nn.Module]:
-        """The trainable networks, by name (each is wrapped in DDP when distributed)."""
-
-    def build_frozen(self) -> dict[str, torch.nn.Module]:
-        """Frozen networks (teachers): never wrapped, never optimised."""
+    def net_args(self, key: str, spec: ModelSpec, probe: bool = False) -> dict[str, Any]:
+        """Constructor arguments the task supplies to model ``key`` (channels, classes, dims)."""
         return {}
 
-    def build_optimizers(self, models: dict[str, torch.nn.Module]) -> dict[str, torch.optim.Optimizer]:
-        """Default: one AdamW over every trainable network, named ``main``."""
-        params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
-        t = self.cfg.train
-        return {"main": torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)}
+    def build_model(self, key: str, spec: ModelSpec, probe: bool = False) -> torch.nn.Module:
+        """The registered network ``spec.name`` with the task's arguments and the YAML's ``args``."""
+        return NETS.build(spec.name, **self.net_args(key, spec, probe), **spec.args)
+
+    def supplied_args(self, key: str, spec: ModelSpec) -> set[str]:
+        return set(self.net_args(key, spec, probe=True))
+
+    def setup_stage(self, ctx: StepContext) -> None:
+        """Register extra training state with ``ctx.add_state`` (image pools, EMA); none by default."""
 
     @abstractmethod
     def training_step(self, batch: Any, ctx: StepContext) -> dict[str, float]:
@@ -57,40 +72,54 @@ class Task(ABC):
 
     @abstractmethod
     def validate(self, ctx: StepContext, loader: Any) -> dict[str, float]:
-        """Metrics on the validation set; must include :attr:`val_metric`."""
+        """Metrics on the validation set; must include the stage's metric."""
 
-    # --- after training: used by ``medistill evaluate / predict / export / report`` -------------------
+    @abstractmethod
+    def splits(self) -> dict[str, list[str]]:
+        """Subject or case ids of each split (``train``, ``val``, ``test``), written to ``RUN/splits.json``."""
 
-    def load_models(self, which: str = "best", stage: str = "") -> dict[str, torch.nn.Module]:
-        """Rebuild the trainable networks and load their weights from ``RUN/[stage_]{which}.pt``."""
-        from medistill.engine.checkpoint import load_checkpoint
+    # --- stages of this run ------------------------------------------------------------------------
+    @property
+    def runner(self) -> StageRunner:
+        """The stage runner of this run (shares this task for the stages that need no overrides)."""
+        if self._runner is None:
+            from medistill.engine.stages import StageRunner
 
-        name = f"{stage + '_' if stage else ''}{which}.pt"
-        state = load_checkpoint(self.run_dir / name)
-        models = self.build_models()
-        for key, model in models.items():
-            if key not in state["models"]:
-                from medistill.errors import MedistillError
+            self._runner = StageRunner(self.cfg, self.run_dir, make_task)
+            self._runner._tasks.setdefault("{}", self)
+        return self._runner
 
-                raise MedistillError(f"{self.run_dir / name}: no weights for model {key!r}")
-            model.load_state_dict(state["models"][key])
-            model.eval()
-        return models
+    def stage_names(self, trained_only: bool = True) -> list[str]:
+        names = [s.name for s in self.cfg.stages]
+        return [n for n in names if not trained_only or self.runner.ckpt(n).exists()]
 
-    def evaluate(self, models: dict[str, torch.nn.Module], out_dir: Path) -> dict[str, Any]:
+    def stage_model(self, stage: str, model: str = "net", which: str = "best") -> torch.nn.Module:
+        """Model ``model`` of the trained ``stage``, in eval mode."""
+        return self.runner.load_model(stage, model, which)
+
+    # --- after training: ``medistill evaluate / predict / export / bench / report`` ----------------
+    def evaluate(self, out_dir: Path) -> dict[str, Any]:
         """Metrics on the held-out test data (``{"cases": {case: {metric: value}}, ...}``) + figures."""
-        from medistill.errors import MedistillError
-
         raise MedistillError(f"task {self.cfg.task!r} has no evaluation")
 
-    def predict_file(self, models: dict[str, torch.nn.Module], src: Path, dst: Path) -> Path:
+    def predict_file(self, src: Path, dst: Path) -> Path:
         """Run the trained model on one input file and write the result in the input's geometry."""
-        from medistill.errors import MedistillError
-
         raise MedistillError(f"task {self.cfg.task!r} does not predict on files")
 
-    def example_inputs(self) -> dict[str, torch.Tensor]:
-        """One example input per exportable network (``medistill export`` traces with these)."""
-        from medistill.errors import MedistillError
-
+    def deploy_inputs(self, stage: str, model: str) -> dict[str, torch.Tensor]:
+        """Named inputs of a deployable network, at its training size, from the run's real data
+        (``medistill export`` traces and checks parity with these)."""
         raise MedistillError(f"task {self.cfg.task!r} does not export networks")
+
+    def whole_input(self, stage: str, model: str) -> tuple[str, dict[str, torch.Tensor]]:
+        """A description and the named inputs of one whole case as deployed (``medistill bench``):
+        by default the export inputs."""
+        return "training-size input", self.deploy_inputs(stage, model)
+
+    def whole_inference(self, predict: Predictor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """How one whole case is run with a predictor (a sliding window for 3D patches); default: once."""
+        return predict(inputs)
+
+    def dynamic_spatial(self, stage: str, model: str) -> bool:
+        """Whether the exported network takes any spatial size (fully convolutional nets do)."""
+        return True

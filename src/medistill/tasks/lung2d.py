@@ -20,18 +20,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
 from pydantic import Field
 from scipy import ndimage
 
-from medistill.config import ExperimentConfig, StrictModel
+from medistill.config import ExperimentConfig, ModelSpec, StrictModel
 from medistill.engine.data import KeyedDataset
 from medistill.errors import MedistillError
+from medistill.io.axial import axial_axis
 from medistill.io.images import Image, check_same_grid, read_image, write_image
 from medistill.metrics.segmentation import dice
-from medistill.nets.unet import UNet
 from medistill.registry import TASKS
 from medistill.tasks.base import Task
+from medistill.tasks.steps import supervised_step
 
 SPLITS = ("train", "train", "val", "train", "test")  # slab pattern along z
 
@@ -48,20 +48,9 @@ class LungData(StrictModel):
     slab: int = Field(8, ge=2, description="slices per slab in the slab split")
 
 
-class LungModel(StrictModel):
-    features: list[int] = Field([16, 32, 64, 128], min_length=2)
-
-
 class Lung2DConfig(ExperimentConfig):
     task: str = "lung2d"
     data: LungData = LungData()
-    model: LungModel = LungModel()
-
-
-def axial_axis(affine: np.ndarray) -> int:
-    """The array axis that runs most nearly head-foot (world z), i.e. the axis of axial slices."""
-    cols = np.asarray(affine)[:3, :3]
-    return int(np.argmax(np.abs(cols[2]) / np.linalg.norm(cols, axis=0)))
 
 
 def to_axial_slices(volume: np.ndarray, axis: int) -> np.ndarray:
@@ -135,11 +124,7 @@ class Lung2DTask(Task):
 
     def __init__(self, cfg: Lung2DConfig, run_dir: str | Path) -> None:
         super().__init__(cfg, run_dir)
-        if cfg.data.size % 2 ** (len(cfg.model.features) - 1):
-            raise MedistillError(
-                f"data.size={cfg.data.size} must be a multiple of {2 ** (len(cfg.model.features) - 1)} "
-                f"for a U-Net with {len(cfg.model.features)} levels"
-            )
+        self.cfg: Lung2DConfig = cfg
         self._volume: tuple[Image, Image] | None = None
 
     # --- data ------------------------------------------------------------------------------------
@@ -186,24 +171,40 @@ class Lung2DTask(Task):
             SliceSet(x[split["val"]], y[split["val"]], augment=False),
         )
 
+    def splits(self) -> dict[str, list[str]]:
+        """Slice ids ``<case>:z<index>`` of each slab split (one volume: the split is by slabs)."""
+        _, _, split = self.slices()
+        return {k: [f"{self.case_name}:z{int(z):04d}" for z in v] for k, v in split.items()}
+
+    @property
+    def case_name(self) -> str:
+        return self.cfg.data.example if self.cfg.data.image is None else Path(self.cfg.data.image).name
+
     # --- model and steps -------------------------------------------------------------------------
-    def build_models(self) -> dict[str, torch.nn.Module]:
-        return {"net": UNet(2, 1, 2, features=self.cfg.model.features)}
+    def net_args(self, key: str, spec: ModelSpec, probe: bool = False) -> dict[str, Any]:
+        return {"spatial_dims": 2, "in_channels": 1, "out_channels": 2}
 
-    def example_inputs(self) -> dict[str, torch.Tensor]:
-        return {"net": torch.zeros(1, 1, self.cfg.data.size, self.cfg.data.size)}
+    def build_model(self, key: str, spec: ModelSpec, probe: bool = False) -> torch.nn.Module:
+        net = super().build_model(key, spec, probe)
+        div = int(np.max(getattr(net, "divisor", 1)))
+        if self.cfg.data.size % div:
+            raise MedistillError(f"data.size={self.cfg.data.size} must be a multiple of {div} for {spec.name}")
+        return net
 
-    def _loss(self) -> DiceCELoss:
-        if not hasattr(self, "_dice_ce"):
-            self._dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=False)
-        return self._dice_ce
+    def deploy_inputs(self, stage: str, model: str) -> dict[str, torch.Tensor]:
+        """A real validation slice at the model's size."""
+        _, val = self.build_data()
+        return {"image": val[len(val) // 2]["image"][None]}
+
+    def whole_input(self, stage: str, model: str) -> tuple[str, dict[str, torch.Tensor]]:
+        hu, _, split = self.slices()
+        x = resize_slices(normalise(hu[split["test"]], self.cfg.data.hu_window), self.cfg.data.size)
+        return f"{len(x)} test slices of {self.case_name} at {self.cfg.data.size}^2", {
+            "image": torch.from_numpy(x)[:, None]
+        }
 
     def training_step(self, batch: dict[str, torch.Tensor], ctx: Any) -> dict[str, float]:
-        with ctx.autocast():
-            logits = ctx.models["net"](batch["image"])
-            loss = self._loss()(logits.float(), batch["label"])
-        ctx.optimize("main", loss)
-        return {"loss": float(loss.detach())}
+        return supervised_step(ctx, batch["image"], batch["label"])
 
     def validate(self, ctx: Any, loader: Any) -> dict[str, float]:
         preds, truths = [], []
@@ -229,32 +230,36 @@ class Lung2DTask(Task):
             )
         return torch.cat(out).numpy()
 
-    def predict_file(self, models: dict[str, torch.nn.Module], src: Path, dst: Path) -> Path:
-        """Segment a CT volume (or one axial slice) and write a uint8 mask in the input's geometry."""
+    def predict_file(self, src: Path, dst: Path) -> Path:
+        """Segment a CT volume (or one axial slice) by the last deployable stage's network and write a uint8
+        mask in the input's geometry."""
         img = read_image(src)
+        net = self.stage_model(*self.runner.deployables()[-1])
         if img.ndim == 2:
-            mask = self.predict_slices(models["net"], img.array[None])[0] >= 0.5
+            mask = self.predict_slices(net, img.array[None])[0] >= 0.5
         elif img.ndim == 3:
             axis = axial_axis(img.affine)
-            prob = self.predict_slices(models["net"], to_axial_slices(img.array, axis))
+            prob = self.predict_slices(net, to_axial_slices(img.array, axis))
             mask = np.moveaxis(prob >= 0.5, 0, axis)
         else:
             raise MedistillError(f"{src}: expected a 2D slice or a 3D CT volume, got shape {img.shape}")
         write_image(img.with_array(mask.astype(np.uint8)), dst)
         return dst
 
-    def evaluate(self, models: dict[str, torch.nn.Module], out_dir: Path) -> dict[str, Any]:
-        """Dice on the test slabs at full resolution, next to the air-in-body threshold baseline.
-
-        Writes an overlay figure of test slices into ``out_dir`` and returns JSON-ready metrics.
-        """
+    def evaluate(self, out_dir: Path) -> dict[str, Any]:
+        """Dice on the test slabs at full resolution for each trained stage, next to the air-in-body
+        threshold baseline. Writes an overlay figure of test slices (last stage) into ``out_dir``."""
         from medistill.report.figures import overlay_grid
 
         hu, masks, split = self.slices()
         idx = split["test"]
-        pred = self.predict_slices(models["net"], hu[idx]) >= 0.5
+        stages = self.stage_names()
+        if not stages:
+            raise MedistillError(f"{self.run_dir}: no trained stage (run `medistill train` first)")
+        preds = {st: self.predict_slices(self.stage_model(st), hu[idx]) >= 0.5 for st in stages}
+        pred = preds[stages[-1]]
         base = np.stack([air_in_body_baseline(s) for s in hu[idx]])
-        case = "chest-ct" if self.cfg.data.image is None else Path(self.cfg.data.image).name
+        case = self.case_name
         lung_rows = np.flatnonzero(masks[idx].reshape(len(idx), -1).sum(1) > 0)
         show = lung_rows[np.linspace(0, len(lung_rows) - 1, 3).astype(int)] if len(lung_rows) else [0]
         # axial slices of an RAS-ordered array are displayed with anterior up (transpose + flip rows)
@@ -267,13 +272,11 @@ class Lung2DTask(Task):
             titles=[f"test slice z={idx[i]}" for i in show],
             window=(-1000.0, 400.0),
         )
+        row = {f"dice_{st}" if len(stages) > 1 else "dice": dice(p, masks[idx]) for st, p in preds.items()}
         return {
             "cases": {
-                case: {
-                    "dice": dice(pred, masks[idx]),
-                    "dice_baseline_air_threshold": dice(base, masks[idx]),
-                    "test_slices": int(len(idx)),
-                }
+                case: row
+                | {"dice_baseline_air_threshold": dice(base, masks[idx]), "test_slices": int(len(idx))}
             },
             "note": "slab split of one volume (train/val/test slabs of consecutive axial slices)",
             "figures": [str(fig)],
