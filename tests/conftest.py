@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny synthetic images that stand in for real scans (milliseconds to make)."""
+"""Shared fixtures: tiny synthetic images that stand in for real scans (milliseconds to make).
+
+Tests that need a fetched example set take its folder from ``example_data.require_example`` (skips on a
+developer's machine, fails when ``CI`` is set). The CT system-matrix disk cache is off in tests (the test
+geometries build in milliseconds; the cache tests switch it on in a temporary folder).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,12 @@ import numpy as np
 import pytest
 
 from medistill.io.images import Image, write_image
+
+
+@pytest.fixture(autouse=True)
+def _no_ct_matrix_disk_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep test geometries out of the user's ~/.cache/medistill/ct_matrices."""
+    monkeypatch.setenv("MEDISTILL_CT_CACHE", "0")
 
 
 def make_ct(shape: tuple[int, int, int] = (12, 10, 8), seed: int = 0) -> tuple[Image, Image]:

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from skimage.data import shepp_logan_phantom
 from skimage.transform import resize
 
+from example_data import require_example
 from medistill.errors import MedistillError
-from medistill.io import examples
 from medistill.io.images import read_image
 from medistill.physics import ct
 from medistill.physics.attenuation import MU_WATER_PER_MM, hu_to_mu, mu_to_hu
@@ -172,8 +172,9 @@ def test_matrices_are_built_once_then_loaded_identically(disk_cache: Path) -> No
 def test_every_geometry_field_and_the_device_type_change_the_key() -> None:
     g = SMALL
     changed = dict(
-        image_size=33, pixel_mm=1.01, n_views=17, n_bins=48, bin_spacing=g.bin_spacing * 1.01, beam="parallel",
-        detector="arc", sod_mm=301.0, sdd_mm=601.0, angle_range_rad=6.0, angle_start_rad=0.1, bin_offset=0.25,
+        image_size=33, pixel_mm=1.01, n_views=17, n_bins=48, bin_spacing=g.bin_spacing * 1.01,
+        beam="parallel", detector="arc", sod_mm=301.0, sdd_mm=601.0, angle_range_rad=6.0,
+        angle_start_rad=0.1, bin_offset=0.25,
     )  # fmt: skip
     assert set(changed) == {f.name for f in dataclasses.fields(g)}
     keys = {ct.matrix_key(replace(g, **{name: value})) for name, value in changed.items()}
@@ -246,9 +247,7 @@ def test_windowed_filters_reduce_noise() -> None:
 @pytest.fixture(scope="module")
 def chest_slices() -> torch.Tensor:
     """Two real chest-ct slices (HU, -2048 outside the FOV clipped to -1024), 512 -> 96 px (3.75 mm)."""
-    if not examples.is_cached("chest-ct"):
-        pytest.skip("chest-ct not fetched (medistill data fetch chest-ct)")
-    volume = read_image(examples.cache_dir("chest-ct") / "cxr.nii.gz").array
+    volume = read_image(require_example("chest-ct") / "cxr.nii.gz").array
     hu = torch.from_numpy(np.clip(volume[:, :, [60, 90]], -1024, None).astype(np.float32)).permute(2, 0, 1)
     return F.interpolate(hu[:, None], size=(N, N), mode="area")[:, 0]
 

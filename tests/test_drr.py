@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from example_data import require_example
 from medistill.errors import MedistillError
 from medistill.physics.attenuation import hu_to_mu
 from medistill.physics.drr import DRRRenderer, _warp_label_counts, banded_lerp, beer_lambert, display_image
@@ -126,12 +127,9 @@ def test_siddon_reference_is_exact_on_a_box() -> None:
 
 @pytest.fixture(scope="module")
 def chest_mu() -> tuple[torch.Tensor, torch.Tensor]:
-    from medistill.io import examples
     from medistill.io.images import read_image
 
-    if not examples.is_cached("chest-ct"):
-        pytest.skip("chest-ct not fetched (medistill data fetch chest-ct)")
-    image = read_image(examples.cache_dir("chest-ct") / "cxr.nii.gz")
+    image = read_image(require_example("chest-ct") / "cxr.nii.gz")
     return hu_to_mu(torch.from_numpy(np.asarray(image.array, dtype=np.float32))), torch.tensor(image.affine)
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from example_data import require_example
 from medistill.errors import MedistillError
-from medistill.io import examples
 from medistill.io.images import read_image
 from medistill.physics import ct, mar_classical, metal
 from medistill.physics.attenuation import EFFECTIVE_KEV, MU_WATER_PER_MM, hu_to_mu, mu_to_hu
@@ -127,9 +127,7 @@ def test_metal_masks_are_seeded_inside_the_fov() -> None:
 
 @pytest.fixture(scope="module")
 def chest_slices() -> torch.Tensor:
-    if not examples.is_cached("chest-ct"):
-        pytest.skip("chest-ct not fetched (medistill data fetch chest-ct)")
-    volume = read_image(examples.cache_dir("chest-ct") / "cxr.nii.gz").array
+    volume = read_image(require_example("chest-ct") / "cxr.nii.gz").array
     hu = torch.from_numpy(np.clip(volume[:, :, [50, 80]], -1024, None).astype(np.float32)).permute(2, 0, 1)
     return F.interpolate(hu[:, None], size=(128, 128), mode="area")[:, 0]  # 2.8 mm pixels
 

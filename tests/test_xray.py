@@ -12,6 +12,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from example_data import require_example
 from medistill.cli import main
 from medistill.errors import MedistillError
 from medistill.io.images import Image, read_image, write_image
@@ -129,6 +130,7 @@ TINY = [
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny teacher -> student+KD -> student run on DRRs of the real chest-ct (64x64, 40 steps each)."""
+    require_example("chest-ct")
     run = tmp_path_factory.mktemp("xray") / "run"
     main(["run", "configs/xray_bones.yaml", "--out", str(run), *[x for s in TINY for x in ("--set", s)]])
     return run
@@ -182,9 +184,7 @@ def test_tiny_run_learns_and_distils(tiny_run: Path) -> None:
 
 @pytest.mark.slow
 def test_predict_on_the_real_rg1_radiograph(tiny_run: Path, tmp_path: Path) -> None:
-    from medistill.io.examples import example_file
-
-    rg1 = example_file("radiographs", "RG1_UNCR.dcm")
+    rg1 = require_example("radiographs") / "RG1_UNCR.dcm"
     out = tmp_path / "rg1"
     with pytest.warns(UserWarning, match="assuming the image spans the model's 430 mm detector field"):
         main(["predict", str(tiny_run), str(rg1), "--out", str(out)])
@@ -198,6 +198,25 @@ def test_predict_on_the_real_rg1_radiograph(tiny_run: Path, tmp_path: Path) -> N
     main(["export", str(tiny_run)])
     parity = json.loads((tiny_run / "export" / "parity.json").read_text())
     assert parity["none_student_kd"]["max_abs_diff"] < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,  # only the plausibility assert; a broken run or missing data still fails
+    reason="the 40-step 64x64 test model marks one blob over the chest as lung, 30-40 % of the image in each "
+    "half (measured 33.9 % left / 39.8 % right); needs a better-trained xray test model",
+)
+def test_rg1_lungs_are_plausible(tiny_run: Path, tmp_path: Path) -> None:
+    """On the real PA chest film, lung lies in both halves of the image, each field 3-30 % of the image."""
+    out, rg1 = tmp_path / "rg1", require_example("radiographs") / "RG1_UNCR.dcm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # unknown pixel spacing: checked in the test above
+        main(["predict", str(tiny_run), str(rg1), "--out", str(out)])
+    lungs = read_image(out / "RG1_UNCR_lungs.png").array > 0
+    width = lungs.shape[1]
+    fractions = [float(half.sum()) / lungs.size for half in (lungs[:, : width // 2], lungs[:, width // 2 :])]
+    assert all(0.03 <= f <= 0.30 for f in fractions), fractions
 
 
 @pytest.mark.slow
