@@ -6,8 +6,14 @@ CPU fan projector is flat only, and ASTRA has no CPU fan FBP). Each tool reconst
 (noise-free round trip); RMSE is in HU inside the inscribed circle. Also: full metal-artifact simulation
 throughput (pairs per second) on the ``deeplesion416`` preset.
 
+The system-matrix build (once per geometry and machine: afterwards :func:`medistill.physics.ct.operator`
+loads it from the disk cache) is timed apart from the per-slice times: ``build_s`` (a fresh build),
+``store_s`` (writing it to the cache) and ``load_s`` (a later process loading it; measured in a temporary
+cache folder, so the user's cache is not touched).
+
 Run in .venv-bench (peers are never package dependencies):
     .venv-bench/bin/python benchmarks/ct.py [--repeat 3] [--json out.json]
+A smoke run in seconds: ``benchmarks/ct.py --size 64 --repeat 1 --skip astra skimage sim``.
 """
 
 from __future__ import annotations
@@ -17,13 +23,16 @@ import json
 import math
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from medistill.io import examples
+from medistill.io import examples, tensor_cache
+from medistill.io.axial import axial_slices
 from medistill.io.images import read_image
 from medistill.physics import ct, mar_classical, metal
 from medistill.physics.attenuation import hu_to_mu, mu_to_hu
@@ -42,9 +51,20 @@ def timed(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
     return best, out
 
 
+def set_size(n: int) -> None:
+    """Scale the benchmark to ``n`` px (same field of view, views and bins in proportion): smoke runs."""
+    global N, VIEWS, BINS, PIXEL_MM
+    N, VIEWS, BINS, PIXEL_MM = n, 4 * round(720 * n / 512 / 4), round(736 * n / 512), 0.703125 * 512 / n
+
+
 def load_slice(index: int = 66) -> np.ndarray:
-    volume = read_image(examples.example_file("chest-ct", "cxr.nii.gz")).array
-    return np.ascontiguousarray(np.clip(volume[:, :, index].T[::-1], -1024, None)).astype(np.float32)
+    """Axial slice ``index`` of chest-ct (radiological view, HU clipped at -1024), area-resized to N."""
+    image = read_image(examples.example_file("chest-ct", "cxr.nii.gz"))
+    hu = np.clip(axial_slices(image.array, image.affine).slices[index], -1024, None).astype(np.float32)
+    if hu.shape[-1] != N:
+        hu = torch.nn.functional.interpolate(torch.from_numpy(hu)[None, None], size=(N, N), mode="area")[0, 0]
+        hu = hu.numpy()
+    return np.ascontiguousarray(hu)
 
 
 def rmse_hu(mu_rec: np.ndarray, hu: np.ndarray) -> float:
@@ -57,7 +77,9 @@ def rmse_hu(mu_rec: np.ndarray, hu: np.ndarray) -> float:
 def geometries() -> dict[str, ct.CTGeometry]:
     half = math.asin(N / math.sqrt(2) * PIXEL_MM / SOD_MM)
     return {
-        "parallel": ct.geometry_preset("parallel512"),
+        "parallel": ct.CTGeometry(
+            N, PIXEL_MM, VIEWS, BINS, PIXEL_MM, beam="parallel", angle_range_rad=math.pi
+        ),
         "fan-flat": ct.CTGeometry(
             N,
             PIXEL_MM,
@@ -77,6 +99,17 @@ def bench_medistill(name: str, g: ct.CTGeometry, hu: np.ndarray, repeat: int) ->
     t0 = time.perf_counter()
     op = ct.CTOperator(g)
     build = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as cache:  # the disk cache, as a later process sees it
+        path = Path(cache) / f"{ct.matrix_key(g)}.pt"
+        t0 = time.perf_counter()
+        tensor_cache.save_tensors(path, op.matrices())
+        store = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        loaded = ct.CTOperator(g, matrices=tensor_cache.load_tensors(path))
+        load = time.perf_counter() - t0
+        cache_mb = path.stat().st_size / 2**20
+        same = bool(torch.equal(loaded.project(mu), op.project(mu)))
+        del loaded
     t_fp, sino = timed(lambda: op.project(mu), repeat)
     t_fbp, rec = timed(lambda: op.fbp(sino), repeat)
     t_bp, _ = timed(lambda: op.backproject(sino), repeat)
@@ -84,7 +117,8 @@ def bench_medistill(name: str, g: ct.CTGeometry, hu: np.ndarray, repeat: int) ->
     t_fp4, sino4 = timed(lambda: op.project(batch), repeat)
     t_fbp4, _ = timed(lambda: op.fbp(sino4), repeat)
     return {
-        "build_s": build, "fp_s": t_fp, "bp_s": t_bp, "fbp_s": t_fbp, "fp_per_slice_b4_s": t_fp4 / 4,
+        "build_s": build, "store_s": store, "load_s": load, "cache_file_mb": cache_mb, "loaded_equal": same,
+        "fp_s": t_fp, "bp_s": t_bp, "fbp_s": t_fbp, "fp_per_slice_b4_s": t_fp4 / 4,
         "fbp_per_slice_b4_s": t_fbp4 / 4, "rmse_hu": rmse_hu(rec[0].numpy(), hu),
         "matrix_nnz": float(op._a[0]._nnz()),
     }  # fmt: skip
@@ -166,7 +200,7 @@ def bench_simulation(hu: np.ndarray, repeat: int) -> dict[str, float]:
         metal.random_metal_masks(small[0].numpy(), g.pixel_mm, 4, np.random.default_rng(0))
     )
     t0 = time.perf_counter()
-    ct.operator(g)
+    ct.operator(g, disk_cache=False)  # a fresh build, apart from the throughput
     build = time.perf_counter() - t0
     batch = small.expand(4, -1, -1).contiguous()
     gen = torch.Generator().manual_seed(0)
@@ -188,11 +222,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", default=None)
     parser.add_argument("--skip", nargs="*", default=[], help="parts to skip: medistill skimage astra sim")
+    parser.add_argument("--size", type=int, default=512, help="image size (px); 512 = the recorded runs")
     args = parser.parse_args()
+    set_size(args.size)
     hu = load_slice()
     results: dict[str, object] = {
         "machine": platform.processor() or platform.machine(), "nproc": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "repeat": args.repeat,
+        "size": N,
     }  # fmt: skip
     for name, g in geometries().items():
         if "medistill" not in args.skip:
