@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
+from example_data import require_example
 from medistill.cli import main
-from medistill.io import examples
 from medistill.io.images import Image, write_image
 from medistill.physics import ct
 
@@ -103,10 +104,49 @@ def test_simulate_metal_writes_seeded_resumable_shards(
     assert (tmp_path / "a" / "metal_samples.png").stat().st_size > 10_000
 
 
+def _reoriented(image: Image, axcodes: tuple[str, str, str]) -> Image:
+    """The same CT stored in another axis order / direction (``axcodes`` as nibabel spells them)."""
+    start = nib.orientations.io_orientation(image.affine)
+    change = nib.orientations.ornt_transform(start, nib.orientations.axcodes2ornt(axcodes))
+    array = nib.orientations.apply_orientation(image.array, change)
+    return Image(array, image.affine @ nib.orientations.inv_ornt_aff(change, image.shape))
+
+
+def test_every_storage_order_of_one_ct_gives_the_same_slices(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """RAS, LAS (flipped x), PRS (x/y swapped, y reversed), ILP (z first): the affine decides the slices."""
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in (96, 96, 3)], indexing="ij")
+    hu = np.full(x.shape, -1000.0, np.float32)
+    hu[(x**2 + y**2) < 0.8**2] = 30.0
+    hu[((x - 0.3) ** 2 + y**2) < 0.15**2] = 900.0  # bone on the patient's right (+x in RAS)
+    hu[((x + 0.1) ** 2 + (y - 0.5) ** 2) < 0.1**2] = 300.0  # anterior-left marker: breaks every symmetry
+    hu += 50.0 * z  # slices differ: superior brighter
+    ras = Image(hu, np.diag([0.8, 0.8, 2.5, 1.0]))
+    results = {}
+    for codes in (("R", "A", "S"), ("L", "A", "S"), ("P", "R", "S"), ("I", "L", "P")):
+        name = "".join(codes)
+        image = _reoriented(ras, codes)
+        assert image.shape == ((96, 96, 3) if name != "ILP" else (3, 96, 96))
+        write_image(image, tmp_path / f"{name}.nii.gz")
+        args = ["simulate", "metal", str(tmp_path / f"{name}.nii.gz"), "--geometry", "tiny", "--slices"]
+        assert run_cli([*args, "1:3", "--out", str(tmp_path / name)], capsys)[0] == 0
+        results[name] = _arrays(tmp_path / name)
+    ras_out = results.pop("RAS")
+    for name, arrays in results.items():
+        assert arrays.keys() == ras_out.keys()
+        assert all(np.array_equal(arrays[k], ras_out[k]) for k in ras_out), name
+    # radiological view of RAS slice k: row r = anterior -> posterior (y reversed), column c = right -> left
+    # (x reversed), i.e. hu[::-1, ::-1, k].T, here 2x2-averaged from 96 to 48 px
+    for k in (1, 2):
+        view = hu[::-1, ::-1, k].T.reshape(SIZE, 2, SIZE, 2).mean((1, 3))
+        np.testing.assert_allclose(ras_out[f"slice_{k:05d}/clean_hu"][0], view, atol=1e-3)
+    clean = ras_out["slice_00001/clean_hu"][0]
+    assert np.nonzero(clean > 600)[1].mean() < SIZE / 2  # the patient's right (the bone) on the image's left
+
+
 def test_single_dicom_slice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    if not examples.is_cached("radiographs"):
-        pytest.skip("radiographs not fetched (medistill data fetch radiographs)")
-    dcm = examples.cache_dir("radiographs") / "693_UNCR.dcm"
+    dcm = require_example("radiographs") / "693_UNCR.dcm"
     code, err = run_cli(["simulate", "metal", str(dcm), "--geometry", "tiny", "--out", str(tmp_path)], capsys)
     assert code == 0, err
     with open(tmp_path / "index.csv") as f:

@@ -6,8 +6,12 @@ an interrupted run continues where it stopped, and every random draw is seeded b
 a resumed or repeated run writes the same numbers. All input problems (geometry preset, photon count,
 metal, slice shape and spacing, masks outside the field of view) are reported before the first slice.
 
-Slices: a 3D volume (NIfTI/MHA/DICOM series) is cut along its third voxel axis, each slice stored as
-``array[:, :, k].T[::-1]`` (anterior up for RAS/LAS volumes); a single 2D DICOM slice is used as it is.
+Slices: a 3D volume (NIfTI/MHA/DICOM series) is cut into axial slices by its affine
+(:func:`medistill.io.axial.axial_slices`): whatever its axis order, slices run inferior -> superior
+(``--slices`` counts them so), rows anterior -> posterior, columns patient right -> left (the radiological
+view, as a DICOM axial slice is stored), so every storage order of one CT gives the same shards. A single
+2D DICOM slice is brought to the same orientation from its patient orientation; a 2D image without one
+(identity direction) is used as displayed. ``--mask-file`` masks are taken in that slice orientation.
 Slices are resampled (area averaging) to the preset's image size, and the preset scanner is scaled to
 the resulting pixel size (the InDuDoNet convention of a fixed geometry in pixel units).
 """
@@ -28,6 +32,7 @@ import typer
 from medistill.cli import report_app, simulate_app
 from medistill.errors import MedistillError
 from medistill.io.atomic import atomic_path, atomic_write_text
+from medistill.io.axial import axial_slices
 from medistill.io.checks import check_output_folder, read_ct
 from medistill.io.images import read_image
 from medistill.physics import ct, mar_classical, metal
@@ -64,21 +69,26 @@ def _parse_slices(text: str | None, depth: int) -> range:
 
 
 def _load_slices(path: Path, assume_ct: bool = False) -> tuple[np.ndarray, float]:
-    """``S H W`` slices in HU (clipped at -1024) and the in-plane pixel size (mm); CT and square pixels."""
+    """Axial ``S H W`` slices in HU (clipped at -1024), canonical orientation, and the pixel size (mm).
+
+    Checks CT, square pixels and square slices.
+    """
     image = read_ct(path, assume_ct)
     array = np.asarray(image.array, dtype=np.float32)
-    if array.ndim == 2:
-        slices = array[None]
-    elif array.ndim == 3:
-        slices = np.ascontiguousarray(np.transpose(array, (2, 1, 0))[:, ::-1, :])
+    if array.ndim == 2 and np.allclose(image.direction, np.eye(3)):  # no patient orientation: as displayed
+        slices, (row_mm, col_mm) = array[None], image.spacing
+    elif array.ndim in (2, 3):
+        axial = axial_slices(array if array.ndim == 3 else array[..., None], image.affine)
+        if array.ndim == 2 and axial.source_axes[0] != 2:
+            raise MedistillError(f"{path}: this 2D image is not an axial slice (its normal is not head-foot)")
+        slices, (_, row_mm, col_mm) = axial.slices, axial.spacing_mm
     else:
         raise MedistillError(f"{path}: expected a 2D slice or a 3D volume, got shape {array.shape}")
-    sx, sy = image.spacing[0], image.spacing[1]
-    if abs(sx - sy) > 0.01 * max(sx, sy):
-        raise MedistillError(f"{path}: in-plane spacing must be square, got {sx:g} x {sy:g} mm")
+    if abs(row_mm - col_mm) > 0.01 * max(row_mm, col_mm):
+        raise MedistillError(f"{path}: in-plane spacing must be square, got {row_mm:g} x {col_mm:g} mm")
     if slices.shape[1] != slices.shape[2]:
         raise MedistillError(f"{path}: slices must be square, got {slices.shape[1]} x {slices.shape[2]}")
-    return np.clip(slices, -1024.0, None), float(sx)
+    return np.clip(slices, -1024.0, None), float(col_mm)
 
 
 def _resample(slices: np.ndarray, size: int) -> torch.Tensor:
@@ -153,7 +163,9 @@ def _index_rows(shard: Path, slice_index: int, arrays: dict[str, np.ndarray]) ->
 def simulate_metal_cmd(
     ct_path: Path = typer.Argument(..., help="CT volume (NIfTI/MHA/DICOM folder) or one 2D DICOM slice, HU."),
     out: Path = typer.Option(..., "--out", help="Output folder (shards, index.csv, simulation.json)."),
-    slices: str | None = typer.Option(None, "--slices", help="Slice range A:B along the third axis."),
+    slices: str | None = typer.Option(
+        None, "--slices", help="Range A:B of axial slices, counted from the feet."
+    ),
     masks_per_slice: int = typer.Option(
         1, "--masks-per-slice", min=1, help="Metal masks (samples) per slice."
     ),
@@ -187,6 +199,7 @@ def simulate_metal_cmd(
         "input": str(ct_path), "geometry_preset": geometry_name, "geometry": asdict(geometry),
         "scan": asdict(scan), "seed": seed, "masks_per_slice": masks_per_slice, "baselines": baselines,
         "mask_file": None if mask_file is None else str(mask_file),
+        "orientation": "axial slices inferior->superior; rows anterior->posterior, columns right->left",
         "arrays": "clean_hu artifact_hu free_hu [li_hu nmar_hu]: K H W HU; metal_mask: K H W uint8; "
         "sino_clean (70 keV line integrals), sino_metal (measured, water-BHC): K V B; "
         "metal_trace: K V B uint8",
