@@ -44,8 +44,8 @@ def test_same_seed_same_subjects_other_seed_other_subjects(source) -> None:
 
 def test_subjects_keep_organs_with_words_fixed_ids_and_absent_ones_are_just_absent(source) -> None:
     maker = CohortMaker(*source, SPEC)
-    assert maker.labels == WORD_LABELS and list(WORD_LABELS)[:6] == ["background", *list(PHANTOM_IDS)[:5]]
-    assert WORD_LABELS["pancreas"] == 8 and WORD_LABELS["adrenal"] == 12  # WORD's order
+    assert maker.labels == {"background": 0, **PHANTOM_IDS}  # pancreas stays 8 with 6 and 7 absent
+    assert list(WORD_LABELS)[:6] == ["background", *list(PHANTOM_IDS)[:5]] and WORD_LABELS["adrenal"] == 12
     assert maker.absent["gallbladder"] == 0.0 and "pancreas" not in maker.absent
     ct, lab = maker.subject(2)
     assert ct.shape == lab.shape == maker.shape and np.allclose(ct.spacing, 4.0)
@@ -86,7 +86,7 @@ def test_label_ids_do_not_depend_on_spacing_or_on_which_organs_are_left_out(sour
     a volume in ml means the same at every spacing, and ids come from WORD's list, not from a count."""
     fine = CohortMaker(*source, CohortSpec(n_subjects=3, spacing_mm=(3.5,) * 3, min_volume_ml=3.0))
     coarse = CohortMaker(*source, CohortSpec(n_subjects=3, spacing_mm=(6.0,) * 3, min_volume_ml=3.0))
-    assert fine.labels == coarse.labels == WORD_LABELS
+    assert fine.labels == coarse.labels == {"background": 0, **PHANTOM_IDS}
     assert fine.absent == coarse.absent  # the threshold is judged in ml on the source, not in voxels
     volumes = []  # subject 0 is the same deformed anatomy at both spacings: each id, the same organ
     for maker in (fine, coarse):
@@ -99,15 +99,24 @@ def test_label_ids_do_not_depend_on_spacing_or_on_which_organs_are_left_out(sour
         assert volumes[0][v] == pytest.approx(volumes[1][v], rel=0.15), name  # ml at 3.5 vs 6 mm
     no_kidneys = CohortMaker(*source, CohortSpec(n_subjects=3, spacing_mm=(6.0,) * 3, min_volume_ml=25.0))
     assert set(no_kidneys.absent) >= {"kidney_left", "kidney_right", "pancreas"}
+    assert no_kidneys.labels == {"background": 0, "liver": 1, "spleen": 2, "stomach": 5}
     lab = no_kidneys.subject(0)[1].array
     assert set(np.unique(lab).tolist()) == {0, 1, 2, 5}  # liver, spleen, stomach keep 1, 2, 5
 
 
-def test_dataset_json_lists_every_label_with_its_fixed_id(tmp_path: Path, source) -> None:
-    make_cohort(tmp_path / "c", CohortSpec(n_subjects=3, spacing_mm=(6.0,) * 3, min_volume_ml=3.0), *source)
-    meta = json.loads((tmp_path / "c" / "dataset.json").read_text())
-    assert meta["labels"] == {str(v): k for k, v in WORD_LABELS.items()}
-    assert "gallbladder (0.0 ml)" in meta["description"]
+def test_dataset_json_lists_the_labelled_organs_at_their_fixed_ids_and_names_the_absent(
+    tmp_path: Path, source
+) -> None:
+    for spacing in (3.5, 6.0):
+        spec = CohortSpec(n_subjects=3, spacing_mm=(spacing,) * 3, min_volume_ml=3.0)
+        make_cohort(tmp_path / f"c{spacing}", spec, *source)
+    metas = [json.loads((tmp_path / f"c{s}" / "dataset.json").read_text()) for s in (3.5, 6.0)]
+    assert (
+        metas[0]["labels"]
+        == metas[1]["labels"]
+        == {"0": "background", **{str(v): k for k, v in PHANTOM_IDS.items()}}
+    )
+    assert "gallbladder (0.0 ml)" in metas[0]["description"] and "adrenal (0.0 ml)" in metas[1]["description"]
 
 
 @pytest.mark.parametrize("spacing", ["0", "-2", "nan"])

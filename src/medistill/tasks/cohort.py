@@ -4,12 +4,12 @@ WORD (Luo et al., "WORD: A large scale dataset, benchmark and clinical applicabl
 organ segmentation from CT image", MedIA 2022) cannot be downloaded here, so we make N subjects from the
 ``chest-ct`` example (a TotalSegmentator label map) by a random smooth deformation, an affine jitter and
 intensity/noise changes, cropped to the upper abdomen and resampled to a coarse spacing. Organs get
-WORD's fixed label ids (liver 1, spleen 2, kidneys 3/4, stomach 5, ... adrenal 12) whatever the spacing,
-and ``dataset.json`` lists all twelve: an organ smaller than ``min_volume_ml`` (millilitres, so the
-threshold means the same at any spacing) in the source crop is absent from every subject's label map,
-and an organ outside one subject's crop from that subject's map; neither shifts the ids of the others
-(a model trained on a 3 mm cohort reads a 5 mm one). Organs absent from the source are named in
-``dataset.json``'s description. Labels are sampled by nearest neighbour, never interpolated. Subjects
+WORD's fixed label ids (liver 1, spleen 2, kidneys 3/4, stomach 5, ... adrenal 12) whatever the spacing.
+An organ smaller than ``min_volume_ml`` (millilitres, so the threshold means the same at any spacing) in
+the source crop is labelled in no subject and left out of ``dataset.json``'s labels (named in its
+description instead); an organ outside one subject's crop is absent from that subject's map. Neither
+shifts the ids of the others, and the label list is the same at every spacing (a model trained on a 3 mm
+cohort reads a 5 mm one). Labels are sampled by nearest neighbour, never interpolated. Subjects
 come from seeded generators, one per subject, so the cohort is identical for a seed on any machine.
 The folder is MSD-style (``dataset.json``) plus ``splits.json`` (train/val/test case ids, split by
 subject), so the same task code trains on real data in MSD layout. Every table made from it must say
@@ -152,14 +152,16 @@ class CohortMaker:
         box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
         counts = np.bincount(src[box].ravel(), minlength=len(in_crop))
         lut = np.zeros(len(in_crop), dtype=np.uint8)
-        self.labels: dict[str, int] = dict(WORD_LABELS)
         self.volume_ml: dict[str, float] = {}  # in the source crop
         for name, ids in WORD_FROM_TOTALSEG.items():
             present = [i for i in ids if i < len(counts)]
             self.volume_ml[name] = float(counts[present].sum() * np.prod(spacing) / 1000.0)
             if self.volume_ml[name] >= spec.min_volume_ml:
-                lut[present] = self.labels[name]
+                lut[present] = WORD_LABELS[name]
         self.absent = {k: v for k, v in self.volume_ml.items() if v < spec.min_volume_ml}
+        # the organs the cohort labels, at their WORD ids (the same set at every spacing: it is judged in
+        # ml on the source); never-labelled organs are left out so a net is not trained on empty classes
+        self.labels = {k: v for k, v in WORD_LABELS.items() if k not in self.absent}
         # source tensors restricted to the crop + a band for the jitter to pull from
         band = np.ceil((spec.shift_mm + 4 * spec.deform_mm + 40.0) / spacing).astype(int)
         s_lo, s_hi = np.maximum(lo - band, 0), np.minimum(hi + band, src.shape)
