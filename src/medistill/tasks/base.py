@@ -97,6 +97,10 @@ class Task(ABC):
         """Model ``model`` of the trained ``stage``, in eval mode."""
         return self.runner.load_model(stage, model, which)
 
+    def predict_model(self) -> torch.nn.Module:
+        """The network ``predict`` uses: the last deployable one (the distilled student)."""
+        return self.stage_model(*self.runner.deployables()[-1])
+
     # --- after training: ``medistill evaluate / predict / export / bench / report`` ----------------
     def evaluate(self, out_dir: Path) -> dict[str, Any]:
         """Metrics on the held-out test data (``{"cases": {case: {metric: value}}, ...}``) + figures."""

@@ -234,7 +234,7 @@ class Lung2DTask(Task):
         """Segment a CT volume (or one axial slice) by the last deployable stage's network and write a uint8
         mask in the input's geometry."""
         img = read_image(src)
-        net = self.stage_model(*self.runner.deployables()[-1])
+        net = self.predict_model()
         if img.ndim == 2:
             mask = self.predict_slices(net, img.array[None])[0] >= 0.5
         elif img.ndim == 3:

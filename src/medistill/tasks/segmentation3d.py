@@ -30,21 +30,19 @@ from monai.inferers import sliding_window_inference
 from pydantic import Field
 from torch.utils.data import Dataset
 
-from medistill.config import ExperimentConfig, StrictModel
+from medistill.config import ExperimentConfig, ModelSpec, StrictModel
 from medistill.engine.data import KeyedDataset
 from medistill.errors import MedistillError
 from medistill.io.checks import read_ct
 from medistill.io.images import Image, read_image, write_image
 from medistill.metrics.segmentation import dice, score_structures, summary_markdown
 from medistill.metrics.segmentation import summarise as summarise_scores
-from medistill.registry import NETS, TASKS
+from medistill.registry import TASKS
 from medistill.tasks.base import Task
+from medistill.tasks.steps import supervised_step
 from medistill.tasks.cohort import CohortSpec, make_cohort, read_splits
 
-STAGES = ("teacher", "student_kd", "student_nokd")
 RAS_ORNT = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
-# the names ``load_models("best")`` gives the three trained networks (``export`` uses the first two)
-MODEL_OF_STAGE = {"teacher": "teacher", "student_kd": "student", "student_nokd": "student_nokd"}
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -78,27 +76,13 @@ class Seg3DData(StrictModel):
     sw_batch: int = Field(2, ge=1)
 
 
-class NetSpec(StrictModel):
-    name: str
-    args: dict[str, Any] = Field(default_factory=dict, description="constructor arguments (widths, ...)")
-
-
-class TeacherSpec(NetSpec):
-    name: str = "dynunet_teacher"
-    checkpoint: Path | None = Field(None, description="a trained teacher (skips the teacher stage)")
-    steps: int | None = Field(None, gt=0, description="teacher steps (default train.steps)")
-    lr: float | None = Field(None, gt=0, description="teacher learning rate (default train.lr)")
-
-
 class Seg3DConfig(ExperimentConfig):
+    """A seg3d experiment: the data section, and the ``stages`` (teacher, KD student, ablation) that train
+    networks registered in :data:`~medistill.registry.NETS` (the task supplies ``spatial_dims``,
+    ``in_channels``, ``out_channels`` and ``deep_supervision``)."""
+
     task: str = "seg3d"
     data: Seg3DData = Seg3DData()
-    teacher: TeacherSpec = TeacherSpec()
-    student: NetSpec = NetSpec(name="lcovnet")
-    distill: dict[str, dict[str, Any]] = Field(
-        default_factory=lambda: {"cakd": {"weight": 1.0}, "mskd": {"weight": 1.0, "temperature": 2.0}},
-        description="DistillLoss parts (registry name -> weight + arguments)",
-    )
 
 
 # -------------------------------------------------------------------------------------- preprocessing
@@ -263,14 +247,10 @@ class Seg3DTask(Task):
     val_metric = "dice"
     val_mode = "max"
 
-    def __init__(self, cfg: Seg3DConfig, run_dir: str | Path, stage: str = "teacher") -> None:
+    def __init__(self, cfg: Seg3DConfig, run_dir: str | Path) -> None:
         super().__init__(cfg, run_dir)
         self.cfg: Seg3DConfig = cfg
-        if stage not in STAGES:
-            raise MedistillError(f"seg3d stage {stage!r} is not one of {STAGES}")
-        self.stage = stage
         self._cache: dict[str, Any] = {}
-        self._losses: dict[str, torch.nn.Module] = {}
 
     # --- dataset -----------------------------------------------------------------------------------
     def dataset(self):
@@ -348,7 +328,6 @@ class Seg3DTask(Task):
 
     def build_data(self) -> tuple[PatchSet, CaseIndex]:
         _, split = self.dataset()
-        self._check_divisible()
         vols, labs = [], []
         for cid in split["train"] + split["val"]:
             vol, lab = self.load_case(cid)
@@ -360,98 +339,29 @@ class Seg3DTask(Task):
         swap = lr_mirror(spec.labels, self.values)
         return PatchSet(vols, labs, self.cfg.data, swap), CaseIndex(len(split["val"]))
 
-    def _check_divisible(self) -> None:
-        for spec in (self.cfg.teacher, self.cfg.student):
-            net = self.build_net(spec, deep_supervision=False)
-            div = np.broadcast_to(np.asarray(getattr(net, "divisor", 1)), (3,))
-            if any(p % int(m) for p, m in zip(self.cfg.data.patch, div, strict=True)):
-                raise MedistillError(
-                    f"data.patch {tuple(self.cfg.data.patch)} must be divisible by {tuple(div)} "
-                    f"for {spec.name}"
-                )
+    def splits(self) -> dict[str, list[str]]:
+        return {k: list(v) for k, v in self.dataset()[1].items()}
 
     # --- models ------------------------------------------------------------------------------------
     @property
     def n_classes(self) -> int:
         return len(self.values)
 
-    def build_net(self, spec: NetSpec, deep_supervision: bool = True, n_classes: int | None = None):
-        args = dict(spec.args)
-        return NETS.build(
-            spec.name,
-            spatial_dims=3,
-            in_channels=1,
-            out_channels=n_classes or self.n_classes,
-            deep_supervision=deep_supervision,
-            **args,
-        )
+    def net_args(self, key: str, spec: ModelSpec, probe: bool = False) -> dict[str, Any]:
+        """3D, one CT channel, one output per class (2 when only probing the configuration)."""
+        classes = 2 if probe else self.n_classes
+        return {"spatial_dims": 3, "in_channels": 1, "out_channels": classes, "deep_supervision": True}
 
-    def build_models(self) -> dict[str, torch.nn.Module]:
-        spec = self.cfg.teacher if self.stage == "teacher" else self.cfg.student
-        return {"net": self.build_net(spec)}
-
-    def teacher_checkpoint(self) -> Path:
-        ckpt = self.cfg.teacher.checkpoint
-        return Path(ckpt) if ckpt is not None else self.run_dir / "teacher_best.pt"
-
-    def load_teacher(self) -> torch.nn.Module:
-        """The trained teacher (eval mode), refusing a checkpoint made for other classes."""
-        from medistill.distill.teacher import load_state
-        from medistill.engine.checkpoint import load_checkpoint
-
-        path = self.teacher_checkpoint()
-        state = load_checkpoint(path)
-        weights = state["models"]["net"] if isinstance(state.get("models"), dict) else load_state(path)
-        net = self.build_net(self.cfg.teacher)
-        # the head tensors are those whose shape depends on the class count: compare them
-        other = self.build_net(self.cfg.teacher, n_classes=self.n_classes + 1).state_dict()
-        for key, tensor in net.state_dict().items():
-            if other[key].shape != tensor.shape and key in weights and weights[key].shape != tensor.shape:
-                raise MedistillError(
-                    f"teacher checkpoint {path} predicts {weights[key].shape[0]} classes but the dataset "
-                    f"(and the student) has {self.n_classes}: {key} is {tuple(weights[key].shape)}"
-                )
-        try:
-            net.load_state_dict(weights)
-        except RuntimeError as exc:
-            raise MedistillError(
-                f"teacher checkpoint {path} does not fit {self.cfg.teacher.name}: {exc}"
-            ) from exc
-        return net.eval()
-
-    def build_frozen(self) -> dict[str, torch.nn.Module]:
-        if self.stage != "student_kd":
-            return {}
-        from medistill.distill.teacher import FrozenTeacher
-
-        return {"teacher": FrozenTeacher(self.load_teacher(), multiscale=True)}
-
-    def _loss(self, name: str) -> torch.nn.Module:
-        if name not in self._losses:
-            from medistill.distill.kd import DistillLoss
-            from medistill.losses.segmentation import DeepSupervisionLoss
-
-            self._losses[name] = (
-                DeepSupervisionLoss("dice_ce") if name == "seg" else DistillLoss(self.cfg.distill)
-            )
-        return self._losses[name]
+    def build_model(self, key: str, spec: ModelSpec, probe: bool = False) -> torch.nn.Module:
+        net = super().build_model(key, spec, probe)
+        div = np.broadcast_to(np.asarray(getattr(net, "divisor", 1)), (3,))
+        if any(p % int(m) for p, m in zip(self.cfg.data.patch, div, strict=True)):
+            raise MedistillError(f"data.patch {tuple(self.cfg.data.patch)} must be divisible by {tuple(div)} for {spec.name}")
+        return net
 
     # --- steps -------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], ctx: Any) -> dict[str, float]:
-        x, y = batch["image"], batch["label"]
-        with ctx.autocast():
-            out = ctx.models["net"](x)
-            outs = [o.float() for o in out] if isinstance(out, list | tuple) else out.float()
-            seg = self._loss("seg")(outs, y)
-            logs = {"loss_seg": float(seg.detach())}
-            loss = seg
-            if "teacher" in ctx.frozen:
-                t_out = ctx.frozen["teacher"](x)
-                kd, parts = self._loss("kd").to(x.device)(outs, [t.float() for t in t_out])
-                loss = seg + kd
-                logs.update({f"loss_{k}": float(v) for k, v in parts.items()})
-        ctx.optimize("main", loss)
-        return {"loss": float(loss.detach()), **logs}
+        return supervised_step(ctx, batch["image"], batch["label"])
 
     @torch.no_grad()
     def infer(self, net: torch.nn.Module, vol: Volume) -> torch.Tensor:
@@ -475,57 +385,30 @@ class Seg3DTask(Task):
                 scores += [dice(pred == k, lab == k) for k in range(1, self.n_classes) if (lab == k).any()]
         return {"dice": float(np.mean(scores))}
 
-    # --- multi-stage training ----------------------------------------------------------------------
-    def for_stage(self, stage: str) -> Seg3DTask:
-        """This task at ``stage`` (sharing the preprocessed data); the teacher may have its own steps/lr."""
-        cfg = self.cfg
-        if stage == "teacher" and (cfg.teacher.steps or cfg.teacher.lr):
-            train = cfg.train.model_copy(
-                update={"steps": cfg.teacher.steps or cfg.train.steps, "lr": cfg.teacher.lr or cfg.train.lr}
-            )
-            cfg = cfg.model_copy(update={"train": train})
-        task = Seg3DTask(cfg, self.run_dir, stage)
-        task._cache = self._cache
-        return task
-
-    def fit(self) -> dict[str, Any]:
-        """teacher -> student with KD (from the teacher stage's best checkpoint) -> student without KD."""
-        from medistill.engine.trainer import Trainer
-
-        self.dataset()
-        results = {}
-        for stage in STAGES:
-            if stage == "teacher" and self.cfg.teacher.checkpoint is not None:
-                continue  # a trained teacher was given
-            results[stage] = Trainer(self.for_stage(stage), self.run_dir, stage=stage).fit()
-        return results
-
     # --- after training ----------------------------------------------------------------------------
-    def load_models(self, which: str = "best", stage: str = "") -> dict[str, torch.nn.Module]:
-        """``stage=""``: the three networks ``teacher``, ``student`` (with KD), ``student_nokd``."""
-        from medistill.engine.checkpoint import load_checkpoint
+    def deploy_inputs(self, stage: str, model: str) -> dict[str, torch.Tensor]:
+        """A patch of a real validation volume (centred on its organs), at the training patch size."""
+        vol, lab = self.load_case(self.dataset()[1]["val"][0])
+        centre = np.argwhere(lab > 0).mean(0).astype(int) if (lab > 0).any() else np.array(lab.shape) // 2
+        x = torch.from_numpy(vol.image)[None, None]
+        starts = [int(np.clip(c - p // 2, 0, max(0, n - p))) for c, p, n in zip(centre, self.cfg.data.patch, lab.shape, strict=True)]
+        patch = x[(..., *(slice(a, a + p) for a, p in zip(starts, self.cfg.data.patch, strict=True)))]
+        pad = [q for p, n in reversed(list(zip(self.cfg.data.patch, patch.shape[2:], strict=True))) for q in (0, p - n)]
+        return {"image": F.pad(patch, pad, value=vol.pad_value)}
 
-        if stage:
-            return super().load_models(which, stage)
-        models = {}
-        for st in STAGES:
-            if st == "teacher":
-                net = (
-                    self.load_teacher()
-                    if which == "best"
-                    else self.for_stage(st).load_models(which, st)["net"]
-                )
-            else:
-                net = self.for_stage(st).build_models()["net"]
-                net.load_state_dict(load_checkpoint(self.run_dir / f"{st}_{which}.pt")["models"]["net"])
-            models[MODEL_OF_STAGE[st]] = net.eval()
-        return models
+    def whole_input(self, stage: str, model: str) -> tuple[str, dict[str, torch.Tensor]]:
+        cid = self.dataset()[1]["test"][0]
+        vol, _ = self.load_case(cid)
+        shape = "x".join(str(n) for n in vol.image.shape)
+        return f"test subject {cid}, {shape} voxels at {self.cfg.data.spacing_mm} mm, sliding window", {
+            "image": torch.from_numpy(vol.image)[None, None]
+        }
 
-    def example_inputs(self) -> dict[str, torch.Tensor]:
-        """A seeded z-scored-like patch (not zeros: instance norm of a constant input amplifies rounding)."""
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(1, 1, *self.cfg.data.patch, generator=g)
-        return {name: x for name in ("teacher", "student")}
+    def whole_inference(self, predict: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        from medistill.deploy.profile import single, sliding_window
+
+        d = self.cfg.data
+        return sliding_window(single(predict, "image"), inputs["image"], d.patch, d.sw_overlap, d.sw_batch)
 
     def predict_volume(self, net: torch.nn.Module, image: Image) -> np.ndarray:
         """Label values on ``image``'s own grid: working-grid probabilities resampled back per class."""
@@ -544,18 +427,22 @@ class Seg3DTask(Task):
         to_file = nib.orientations.ornt_transform(RAS_ORNT, vol.ornt)  # the inverse of file -> RAS
         return nib.orientations.apply_orientation(values, to_file)
 
-    def predict_file(self, models: dict[str, torch.nn.Module], src: Path, dst: Path) -> Path:
-        """Segment a CT with the distilled student; writes label values in the input's geometry."""
+    def predict_file(self, src: Path, dst: Path) -> Path:
+        """Segment a CT with the last deployable network (the distilled student); writes label values in
+        the input's geometry."""
         img = read_ct(src, override=None)
-        labels = self.predict_volume(models["student"], img)
+        labels = self.predict_volume(self.predict_model(), img)
         dtype = np.uint8 if max(self.values) < 256 else np.int16
         write_image(img.with_array(labels.astype(dtype)), dst, dtype=dtype)
         return dst
 
-    def evaluate(self, models: dict[str, torch.nn.Module], out_dir: Path) -> dict[str, Any]:
-        """Per-organ Dice and HD95 (mm) of teacher / student+KD / student-no-KD on the test subjects."""
+    def evaluate(self, out_dir: Path) -> dict[str, Any]:
+        """Per-organ Dice and HD95 (mm) of every trained stage's network on the test subjects."""
         from medistill.nets import count_parameters
 
+        models = {st: self.stage_model(st) for st in self.stage_names()}
+        if not models:
+            raise MedistillError(f"{self.run_dir}: no trained stage (run `medistill train` first)")
         spec, split = self.dataset()
         organs = self.organ_names
         per_case: dict[str, dict[str, dict[str, float]]] = {m: {} for m in models}
@@ -566,22 +453,33 @@ class Seg3DTask(Task):
             for name, net in models.items():
                 pred = self.predict_volume(net, img)
                 per_case[name][cid] = organ_scores(pred, truth, organs, self.values, img.spacing)
-        per_organ = {m: summarise(cases, organs) for m, cases in per_case.items()}
+        summaries = {m: summarise(cases, organs) for m, cases in per_case.items()}
+        per_organ = {m: sm["structures"] for m, sm in summaries.items()}
+        nan = float("nan")
         cases = {
-            m: {
-                "dice_mean": float(np.nanmean([v["dice"] for v in per_organ[m].values()])),
-                "hd95_mean_mm": float(np.nanmean([v["hd95_mm"] for v in per_organ[m].values()])),
+            m: {  # the mean over organs per subject, then mean and SD over the test subjects
+                "dice_mean": sm["overall"]["dice"],
+                "dice_sd": sm["overall"]["dice_sd"],
+                "hd95_mean_mm": sm["overall"].get("hd95_mm", nan),
+                "hd95_sd_mm": sm["overall"].get("hd95_sd_mm", nan),
+                "misses": sm["overall"]["misses"],
+                "false_positives": sm["overall"]["false_positives"],
+                "empty_excluded": sm["overall"]["empty_excluded"],
                 "params": int(count_parameters(models[m])),
                 "test_subjects": len(split["test"]),
             }
-            for m in models
+            for m, sm in summaries.items()
         }
         out_dir = Path(out_dir)
         (out_dir / "per_organ.md").write_text(per_organ_markdown(per_organ, organs))
         figures = [str(self.overlay_figure(models, split["test"][0], out_dir / "overlay.png"))]
         figures.append(str(self.curves_figure(out_dir / "curves_stages.png")))
-        note = f"{spec.name}: per-organ mean over {len(split['test'])} test subjects" + (
-            " (synthetic cohort from chest-ct)" if self.cfg.data.dataset is None else ""
+        note = (
+            f"{spec.name}: {len(split['test'])} test subjects"
+            + (" (synthetic cohort from chest-ct)" if self.cfg.data.dataset is None else "")
+            + "; dice_mean / hd95_mean_mm: mean over organs per subject, then mean and SD over subjects; "
+            "a missed or hallucinated organ scores Dice 0 and HD95 = the image diagonal (counted in misses / "
+            "false_positives), empty vs empty is excluded (counted)"
         )
         return {
             "cases": cases,
@@ -594,7 +492,7 @@ class Seg3DTask(Task):
     def curves_figure(self, out: Path) -> Path:
         from medistill.report.figures import plot_training_curves
 
-        stages = {s: self.run_dir / s for s in STAGES if (self.run_dir / s / "metrics.jsonl").exists()}
+        stages = {s: self.run_dir / s for s in self.stage_names(trained_only=False) if (self.run_dir / s / "metrics.jsonl").exists()}
         return plot_training_curves(stages, out, val_metric="dice")
 
     def overlay_figure(self, models: dict[str, torch.nn.Module], case_id: str, out: Path) -> Path:
@@ -655,8 +553,9 @@ def organ_scores(
     return out
 
 
-def summarise(cases: dict[str, dict[str, Any]], organs: dict[int, str]) -> dict[str, dict[str, Any]]:
-    """Per organ: mean and SD over cases of Dice and HD95, n, misses, false positives, empty exclusions."""
+def summarise(cases: dict[str, dict[str, Any]], organs: dict[int, str]) -> dict[str, Any]:
+    """:func:`medistill.metrics.segmentation.summarise` of :func:`organ_scores` rows: per organ and
+    overall, mean and SD over cases of Dice and HD95, n, misses, false positives, empty exclusions."""
     nested = {
         cid: {
             n: {"dice": c[f"dice_{n}"], "hd95_mm": c[f"hd95_{n}"], "status": c[f"status_{n}"]}
@@ -664,7 +563,7 @@ def summarise(cases: dict[str, dict[str, Any]], organs: dict[int, str]) -> dict[
         }
         for cid, c in cases.items()
     }
-    return summarise_scores(nested)["structures"]
+    return summarise_scores(nested)
 
 
 def per_organ_markdown(per_organ: dict[str, dict[str, dict[str, Any]]], organs: dict[int, str]) -> str:
