@@ -10,13 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from pydantic import ValidationError
 
 from example_data import require_example
 from medistill.cli import main
 from medistill.errors import MedistillError
 from medistill.io.images import Image, read_image, write_image
-from medistill.tasks.xray import RealCase, multilabel_affinity_logits
+from medistill.distill.cakd import multilabel_affinity_logits
+from medistill.tasks.xray import RealCase
 from medistill.tasks.xray_data import (
     Augment,
     DRRSet,
@@ -108,15 +110,15 @@ def test_multilabel_affinity_input_is_a_distribution_over_labels_and_none() -> N
 
 
 TINY = [
-    "preprocessing=[none]",
-    "infer.preprocessing=none",
     "data.size=64",
     "data.volume_step=[8,8,2]",
     "data.n_train=8",
     "data.n_val=2",
     "data.n_test=4",
-    "model.teacher_features=[8,16,32]",
-    "model.student_features=[4,8,16]",
+    "stages.none_teacher.models.net.args.features=[8,16,32]",
+    "stages.none_teacher.steps=40",
+    "stages.none_student_kd.models.net.args.features=[4,8,16]",
+    "stages.none_student.models.net.args.features=[4,8,16]",
     "train.steps=40",
     "train.batch_size=4",
     "train.lr=0.01",
@@ -129,10 +131,15 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny teacher -> student+KD -> student run on DRRs of the real chest-ct (64x64, 40 steps each)."""
+    """One tiny teacher -> student+KD -> student run on DRRs of the real chest-ct (64x64, 40 steps each):
+    the preset's three ``none`` stages."""
     require_example("chest-ct")
-    run = tmp_path_factory.mktemp("xray") / "run"
-    main(["run", "configs/xray_bones.yaml", "--out", str(run), *[x for s in TINY for x in ("--set", s)]])
+    folder = tmp_path_factory.mktemp("xray")
+    raw = yaml.safe_load(Path("configs/xray_bones.yaml").read_text())
+    raw["stages"] = [st for st in raw["stages"] if st["name"].startswith("none_")]
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(raw))
+    run = folder / "run"
+    main(["run", str(folder / "tiny.yaml"), "--out", str(run), *[x for s in TINY for x in ("--set", s)]])
     return run
 
 
@@ -142,26 +149,22 @@ def test_tiny_run_learns_and_distils(tiny_run: Path) -> None:
 
     result = json.loads((tiny_run / "eval" / "metrics.json").read_text())
     cases = result["cases"]
-    assert set(cases) == {
-        "prior (mean training mask)",
-        "none / teacher",
-        "none / student+KD",
-        "none / student-no-KD",
-    }
+    assert set(cases) == {"prior (mean training mask)", "none_teacher", "none_student_kd", "none_student"}
     # learning: the trained teacher beats the same network untrained by a wide margin
     task = open_run(tiny_run)
     inputs = task.dataset("test", "none")._fixed
     truth = task.renders()["test"]["masks"].astype(bool)
     base = {}
-    for role in ("teacher", "student"):
+    for stage in ("none_teacher", "none_student"):
         torch.manual_seed(0)
-        untrained = task.net(role).eval()
-        base[role] = task._dice_row(task.predict_probs(untrained, inputs) >= 0.5, truth)["mean"]
+        spec = task.runner.stage(stage).models["net"]
+        untrained = task.build_model("net", spec).eval()
+        base[stage] = task._dice_row(task.predict_probs(untrained, inputs) >= 0.5, truth)["mean"]
     print({k: round(v["mean"], 3) for k, v in cases.items()}, "untrained", base)
-    assert cases["none / teacher"]["mean"] > base["teacher"] + 0.2
-    assert cases["none / teacher"]["lungs"] > 0.8  # the stated bound at 64x64 after 40 steps
+    assert cases["none_teacher"]["mean"] > base["none_teacher"] + 0.2
+    assert cases["none_teacher"]["lungs"] > 0.8  # the stated bound at 64x64 after 40 steps
     # the tiny 4-8-16 student learns little in 40 steps, but it does learn, with both KD terms active
-    assert cases["none / student+KD"]["mean"] > base["student"] + 0.05
+    assert cases["none_student_kd"]["mean"] > base["none_student"] + 0.05
     kd_lines = (tiny_run / "none_student_kd" / "metrics.jsonl").read_text().splitlines()
     kd_log = [r for r in map(json.loads, kd_lines) if r["phase"] == "train"]
     assert all("loss_kd" in r and "loss_cakd" in r for r in kd_log)
@@ -179,7 +182,7 @@ def test_tiny_run_learns_and_distils(tiny_run: Path) -> None:
     open_run(tiny_run).renders()
     assert [p.stat().st_mtime for p in cached] == mtimes
     assert (tiny_run / "eval" / "heldout_grid.png").stat().st_size > 20_000
-    assert "| none / teacher |" in (tiny_run / "eval" / "dice_table.md").read_text()
+    assert "| none_teacher |" in (tiny_run / "eval" / "dice_table.md").read_text()
 
 
 @pytest.mark.slow
@@ -197,7 +200,13 @@ def test_predict_on_the_real_rg1_radiograph(tiny_run: Path, tmp_path: Path) -> N
 
     main(["export", str(tiny_run)])
     parity = json.loads((tiny_run / "export" / "parity.json").read_text())
-    assert parity["none_student_kd"]["max_abs_diff"] < 1e-3
+    assert parity["none_student_kd.net"]["max_abs_diff"] < 1e-3
+    assert parity["none_student_kd.net"]["inputs"] == {"image": [1, 1, 64, 64]}
+
+    main(["bench", str(tiny_run), "--repeats", "5"])
+    profile = json.loads((tiny_run / "bench" / "profile.json").read_text())
+    assert [r["model"] for r in profile["rows"]] == ["none_teacher.net", "none_student_kd.net"]
+    assert profile["ratios"][1]["params_ratio"] > 2 and profile["ratios"][1]["macs_ratio"] > 2
 
 
 @pytest.mark.slow
@@ -224,20 +233,19 @@ def test_bad_inputs_give_clear_messages(tiny_run: Path, tmp_path: Path) -> None:
     from medistill.runs import open_run
 
     task = open_run(tiny_run)
-    models = task.load_models()
     eye = np.diag([0.2, 0.2, 1.0, 1.0])
     write_image(Image(np.zeros((40, 30, 3), np.float32), eye), tmp_path / "rgb.nii.gz")
     with pytest.raises(MedistillError, match="looks like an RGB"):
-        task.predict_file(models, tmp_path / "rgb.nii.gz", tmp_path / "o1")
+        task.predict_file(tmp_path / "rgb.nii.gz", tmp_path / "o1")
     write_image(Image(np.zeros((40, 30, 20), np.float32), eye), tmp_path / "ct.nii.gz")
     with pytest.raises(MedistillError, match="3D volume of shape"):
-        task.predict_file(models, tmp_path / "ct.nii.gz", tmp_path / "o2")
+        task.predict_file(tmp_path / "ct.nii.gz", tmp_path / "o2")
     # a 2D image with known spacing: resampled to the model's pitch, no warning
     img = Image(np.random.default_rng(0).random((300, 280)).astype(np.float32), np.diag([0.5, 0.5, 1, 1.0]))
     write_image(img, tmp_path / "xr.nii.gz")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        task.predict_file(models, tmp_path / "xr.nii.gz", tmp_path / "o3")
+        task.predict_file(tmp_path / "xr.nii.gz", tmp_path / "o3")
     # a reference mask must lie on its image's grid
     write_image(Image(np.zeros((150, 140), np.uint8), np.diag([1.0, 1, 1, 1])), tmp_path / "small.nii.gz")
     with pytest.raises(MedistillError, match=r"mask of shape \(150, 140\) does not match its image"):
@@ -247,4 +255,4 @@ def test_bad_inputs_give_clear_messages(tiny_run: Path, tmp_path: Path) -> None:
         task.read_labelled(RealCase(image=tmp_path / "xr.nii.gz", mask=tmp_path / "odd.nii.gz"))
     (tmp_path / "file").write_text("x")
     with pytest.raises(MedistillError, match="is a file"):
-        task.predict_file(models, tmp_path / "xr.nii.gz", tmp_path / "file")
+        task.predict_file(tmp_path / "xr.nii.gz", tmp_path / "file")

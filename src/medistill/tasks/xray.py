@@ -4,9 +4,9 @@ bones", Nottingham), with a distilled light student (logit KD + CAKD, spec C.5.2
 Pipeline: DRRs with projected multi-label masks of chest bones, lungs and heart are rendered once from a
 labelled CT (:mod:`medistill.tasks.xray_data`); for each pre-processing (``none``, ``global_gradient``,
 ``local_gradient``; :mod:`medistill.transforms.gradient`) a U-Net teacher, a thin student distilled from
-it and the same student without distillation are trained (stages ``<method>_<role>`` of one run);
-``evaluate`` reports per-class Dice on binary masks at held-out poses for all nine models next to an
-image-free prior; ``predict`` segments a real radiograph (DICOM/PNG) at the model's pixel spacing.
+it and the same student without distillation are trained (the stages of the preset, each naming its
+pre-processing with ``set: {data.preprocessing: ...}``); ``evaluate`` reports per-class Dice on binary
+masks at held-out poses for every trained stage next to an image-free prior; ``predict`` segments a real radiograph (DICOM/PNG) at the model's pixel spacing.
 
 Deviations from the original (spec D.8), with the reason:
 
@@ -18,9 +18,8 @@ Deviations from the original (spec D.8), with the reason:
   give a patient split; the original's validation images were projections of the training volumes.
 * U-Net widths are configurable (defaults CPU-sized, not 64..1024); BN + LeakyReLU(0.01) and nearest
   up-sampling + 2x2 conv as in the original, with a direct 1x1 head (no 2-channel bottleneck).
-* CAKD is defined for softmax outputs; for the sigmoid head it is applied to the per-pixel distribution
-  over "class k" (sigmoid probabilities) plus "no class" (their joint complement), normalised, which
-  equals the softmax case when the classes are exclusive (:func:`multilabel_affinity_logits`).
+* CAKD is defined for softmax outputs; for the sigmoid head it runs with ``activation: sigmoid``
+  (:func:`medistill.distill.cakd.multilabel_affinity_logits`).
 """
 
 from __future__ import annotations
@@ -36,22 +35,16 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from skimage.transform import resize
 
-from medistill.config import ExperimentConfig, StrictModel
-from medistill.distill.cakd import CAKD
-from medistill.distill.kd import LogitKD
-from medistill.distill.teacher import FrozenTeacher
+from medistill.config import ExperimentConfig, ModelSpec, StrictModel
 from medistill.errors import MedistillError
 from medistill.io.images import Image, read_image, read_radiograph, write_image
-from medistill.losses.segmentation import DiceBCE
 from medistill.metrics.segmentation import dice, rows_markdown, summarise_batch, summary_row
-from medistill.nets.unet import UNet
 from medistill.registry import TASKS
 from medistill.tasks.base import Task
+from medistill.tasks.steps import supervised_step
 from medistill.tasks.xray_data import DRRSet, XrayData, load_or_render, window
-from medistill.transforms.gradient import PREPROCESSING, prepare_input
+from medistill.transforms.gradient import prepare_input
 
-ROLES = ("teacher", "student_kd", "student")
-ROLE_NAMES = {"teacher": "teacher", "student_kd": "student+KD", "student": "student-no-KD"}
 #: Overlay colours per class (RGB in [0, 1]), drawn lungs/heart first so bones stay visible on top.
 COLOURS = {
     "lungs": (0.2, 0.5, 1.0),
@@ -66,21 +59,8 @@ COLOURS = {
 RASTER_OR_DICOM = (".dcm", ".dicom", ".ima", ".png", ".tif", ".tiff")
 
 
-class XrayModel(StrictModel):
-    teacher_features: list[int] = Field([16, 32, 64, 128], min_length=2)
-    student_features: list[int] = Field([8, 16, 32, 64], min_length=2)
-    norm: str = Field("batch", description="norm of every conv (the original used BatchNorm)")
-
-
-class XrayDistill(StrictModel):
-    kd_weight: float = Field(1.0, ge=0, description="weight of the sigmoid logit-KD term")
-    temperature: float = Field(2.0, gt=0)
-    cakd_weight: float = Field(1.0, ge=0, description="weight of the class-affinity KD term")
-
-
 class XrayInfer(StrictModel):
-    preprocessing: str = Field("none", description="pre-processing of the model used by predict/export")
-    model: Literal["teacher", "student_kd", "student"] = "student_kd"
+    stage: str | None = Field(None, description="the stage predict uses (default: the last deployable network)")
     threshold: float | Literal["val"] = Field(
         "val", description="sigmoid threshold, or 'val': per model and class, the best on the validation DRRs"
     )
@@ -102,37 +82,15 @@ class RealCase(StrictModel):
 class XrayConfig(ExperimentConfig):
     task: str = "xray_bones"
     data: XrayData = XrayData()
-    model: XrayModel = XrayModel()
-    distill: XrayDistill = XrayDistill()
-    preprocessing: list[str] = Field(list(PREPROCESSING), min_length=1, description="methods to train")
     infer: XrayInfer = XrayInfer()
-    teacher_steps: int | None = Field(
-        None,
-        gt=0,
-        description="optimizer steps of the teacher stages (default: train.steps, as the students)",
-    )
     real_cases: list[RealCase] = Field([], description="optional labelled real radiographs to evaluate")
 
     @model_validator(mode="after")
     def _check(self) -> XrayConfig:
-        unknown = [m for m in self.preprocessing if m not in PREPROCESSING]
-        if unknown:
-            raise ValueError(f"unknown pre-processing {unknown}; choose from {', '.join(PREPROCESSING)}")
-        if self.infer.preprocessing not in self.preprocessing:
-            raise ValueError(
-                f"infer.preprocessing {self.infer.preprocessing!r} is not in {self.preprocessing}"
-            )
-        for feats in (self.model.teacher_features, self.model.student_features):
-            if self.data.size % 2 ** (len(feats) - 1):
-                raise ValueError(f"data.size={self.data.size} must be a multiple of {2 ** (len(feats) - 1)}")
+        names = [st.name for st in self.stages]
+        if self.infer.stage is not None and self.infer.stage not in names:
+            raise ValueError(f"infer.stage {self.infer.stage!r} is not a stage ({', '.join(names)})")
         return self
-
-
-def multilabel_affinity_logits(logits: torch.Tensor) -> torch.Tensor:
-    """``B K *S`` sigmoid logits -> ``B K+1 *S`` logits whose softmax is ``(p_1..p_K, prod(1 - p_k)) / Z``:
-    the sigmoid probabilities and the probability of no label, normalised per pixel (CAKD input)."""
-    none = F.logsigmoid(-logits.float()).sum(dim=1, keepdim=True)
-    return torch.cat([F.logsigmoid(logits.float()), none], dim=1)
 
 
 def overlay(image01: np.ndarray, masks: np.ndarray, classes: list[str], alpha: float = 0.2) -> np.ndarray:
@@ -184,8 +142,7 @@ class XrayBonesTask(Task):
 
     def __init__(self, cfg: XrayConfig, run_dir: str | Path) -> None:
         super().__init__(cfg, run_dir)
-        self.method = cfg.infer.preprocessing  # set per stage by fit()
-        self.role = "teacher"
+        self.cfg: XrayConfig = cfg
         self._renders: dict[str, dict[str, np.ndarray]] | None = None
 
     @property
@@ -231,95 +188,51 @@ class XrayBonesTask(Task):
         )
 
     def build_data(self) -> tuple[DRRSet, DRRSet]:
-        return self.dataset("train", self.method, augment=True), self.dataset("val", self.method)
+        method = self.cfg.data.preprocessing
+        return self.dataset("train", method, augment=True), self.dataset("val", method)
+
+    def splits(self) -> dict[str, list[str]]:
+        """DRR ids per split: one CT, so the split is by pose ranges (test poses never seen in training)."""
+        d = self.cfg.data
+        case = d.example or Path(d.image or "ct").name
+        sizes = {"train": d.n_train, "val": d.n_val, "test": d.n_test}
+        return {s: [f"{case}:{s}-pose-{i:04d}" for i in range(n)] for s, n in sizes.items()}
+
+    def method_of(self, stage: str) -> str:
+        """The pre-processing of ``stage``'s inputs."""
+        return self.runner.stage_config(self.runner.stage(stage)).data.preprocessing
 
     # --- models ----------------------------------------------------------------------------------
-    def net(self, role: str) -> UNet:
-        m = self.cfg.model
-        feats = m.teacher_features if role == "teacher" else m.student_features
-        return UNet(2, 1, len(self.classes), features=feats, norm=m.norm, upsample="nearest_conv")
+    def net_args(self, key: str, spec: ModelSpec, probe: bool = False) -> dict[str, Any]:
+        return {"spatial_dims": 2, "in_channels": 1, "out_channels": len(self.classes)}
 
-    def build_models(self) -> dict[str, torch.nn.Module]:
-        return {"net": self.net(self.role)}
-
-    def build_frozen(self) -> dict[str, torch.nn.Module]:
-        if self.role != "student_kd":
-            return {}
-        teacher = self.load_models("best", stage=f"{self.method}_teacher")["net"]
-        return {"teacher": FrozenTeacher(teacher)}
-
-    def fit(self) -> None:
-        """Train teacher, student+KD and student-no-KD for every pre-processing (resumable stages)."""
-        from medistill.engine.trainer import Trainer
-
-        base = self.cfg.train
-        teacher = base.model_copy(update={"steps": self.cfg.teacher_steps or base.steps})
-        try:
-            for method in self.cfg.preprocessing:
-                for role in ROLES:
-                    self.method, self.role = method, role
-                    self.cfg.train = teacher if role == "teacher" else base
-                    Trainer(self, self.run_dir, stage=f"{method}_{role}").fit()
-        finally:
-            self.cfg.train = base
-            self.method, self.role = self.cfg.infer.preprocessing, "teacher"
-
-    def _losses(self) -> tuple[DiceBCE, LogitKD, CAKD]:
-        if not hasattr(self, "_loss_fns"):
-            self._loss_fns = (DiceBCE(), LogitKD(self.cfg.distill.temperature, mode="sigmoid"), CAKD())
-        return self._loss_fns
+    def build_model(self, key: str, spec: ModelSpec, probe: bool = False) -> torch.nn.Module:
+        net = super().build_model(key, spec, probe)
+        div = int(np.max(getattr(net, "divisor", 1)))
+        if self.cfg.data.size % div:
+            raise MedistillError(f"data.size={self.cfg.data.size} must be a multiple of {div} for {spec.name}")
+        return net
 
     def training_step(self, batch: dict[str, torch.Tensor], ctx: Any) -> dict[str, float]:
-        sup_fn, kd_fn, cakd_fn = self._losses()
-        x, y = batch["image"], batch["masks"]
-        with ctx.autocast():
-            logits = ctx.models["net"](x).float()
-        sup = sup_fn(logits, y)
-        logs = {"loss_sup": float(sup.detach())}
-        loss = sup
-        if self.role == "student_kd":
-            with torch.no_grad():
-                t = ctx.frozen["teacher"](x).float()
-            kd = kd_fn(logits, t)
-            cakd = cakd_fn(multilabel_affinity_logits(logits), multilabel_affinity_logits(t))
-            d = self.cfg.distill
-            loss = sup + d.kd_weight * kd + d.cakd_weight * cakd
-            logs |= {"loss_kd": float(kd.detach()), "loss_cakd": float(cakd.detach())}
-        ctx.optimize("main", loss)
-        return logs | {"loss": float(loss.detach())}
+        return supervised_step(ctx, batch["image"], batch["masks"])
 
     def validate(self, ctx: Any, loader: Any) -> dict[str, float]:
         preds, truths = [], []
         for batch in loader:
             preds.append(torch.sigmoid(ctx.models["net"](batch["image"].to(ctx.device))).cpu() >= 0.5)
             truths.append(batch["masks"].bool())
-        row = summary_row(summarise_batch(torch.cat(preds), torch.cat(truths), self.classes))
+        row = self._dice_row(torch.cat(preds).numpy(), torch.cat(truths).numpy())
         return {"dice": float(row["mean"])} | {f"dice_{c}": float(row[c]) for c in self.classes}
 
     # --- after training --------------------------------------------------------------------------
-    def load_models(self, which: str = "best", stage: str = "") -> dict[str, torch.nn.Module]:
-        """One stage's ``{"net": model}`` if ``stage`` is given, else every trained stage by its name."""
-        from medistill.engine.checkpoint import load_checkpoint
+    def deploy_inputs(self, stage: str, model: str) -> dict[str, torch.Tensor]:
+        """A real validation DRR, pre-processed as ``stage`` was trained."""
+        return {"image": self.dataset("val", self.method_of(stage))[0]["image"][None]}
 
-        stages = [stage] if stage else [f"{m}_{r}" for m in self.cfg.preprocessing for r in ROLES]
-        models: dict[str, torch.nn.Module] = {}
-        for name in stages:
-            path = self.run_dir / f"{name}_{which}.pt"
-            if not path.exists():
-                continue
-            net = self.net(_role_of(name))
-            net.load_state_dict(load_checkpoint(path)["models"]["net"])
-            models["net" if stage else name] = net.eval()
-        if not models:
-            raise MedistillError(
-                f"{self.run_dir}: no trained stage checkpoints ({', '.join(stages)}_{which}.pt)"
-            )
-        return models
-
-    def example_inputs(self) -> dict[str, torch.Tensor]:
+    def whole_input(self, stage: str, model: str) -> tuple[str, dict[str, torch.Tensor]]:
         size = self.cfg.data.size
-        m = self.cfg.infer.preprocessing
-        return {f"{m}_{r}": torch.zeros(1, 1, size, size) for r in ("teacher", "student_kd")}
+        x = self.dataset("test", self.method_of(stage))[0]["image"][None]
+        return f"one held-out DRR at {size}x{size} ({self.pixel_mm:.2f} mm pixels)", {"image": x}
 
     @torch.no_grad()
     def predict_probs(self, net: torch.nn.Module, inputs: np.ndarray, batch: int = 8) -> np.ndarray:
@@ -331,9 +244,12 @@ class XrayBonesTask(Task):
         ]
         return np.concatenate(out)
 
-    def evaluate(self, models: dict[str, torch.nn.Module], out_dir: Path) -> dict[str, Any]:
+    def evaluate(self, out_dir: Path) -> dict[str, Any]:
         """Per-class Dice (binary masks) on the held-out-pose test DRRs for every trained stage, next to the
         prior baseline (mean training mask >= 0.5, no image), plus a DRR | label | prediction figure."""
+        models = {st: self.stage_model(st) for st in self.stage_names()}
+        if not models:
+            raise MedistillError(f"{self.run_dir}: no trained stage (run `medistill train` first)")
         r = self.renders()
         truth = r["test"]["masks"].astype(bool)
         prior = r["train"]["masks"].mean(0) >= 0.5
@@ -344,11 +260,11 @@ class XrayBonesTask(Task):
         preds: dict[str, np.ndarray] = {}
         inputs: dict[str, np.ndarray] = {}
         for name, net in models.items():
-            method = _method_of(name)
+            method = self.method_of(name)
             if method not in inputs:
                 inputs[method] = self.dataset("test", method)._fixed  # type: ignore[assignment]
             probs = self.predict_probs(net, inputs[method])
-            row = f"{method} / {ROLE_NAMES[_role_of(name)]}"
+            row = name
             cases[row] = self._dice_row(probs >= 0.5, truth)
             best = self.val_thresholds(name, net)
             thresholds[name] = best.tolist()
@@ -358,7 +274,7 @@ class XrayBonesTask(Task):
             img, known, ref = self.read_labelled(case)
             for name, net in models.items():
                 pred = self.segment(name, net, img, known, Path(case.image))
-                row = f"real {Path(case.image).name} / {_method_of(name)} / {ROLE_NAMES[_role_of(name)]}"
+                row = f"real {Path(case.image).name} / {name}"
                 cases[row] = self._dice_row(pred[None], ref[None])
         poses = json.loads(str(r["test"]["poses"]))
         table = self._markdown(cases)
@@ -395,10 +311,10 @@ class XrayBonesTask(Task):
 
     def _heldout_figure(self, preds: dict[str, np.ndarray], out: Path, n: int = 4) -> Path:
         r = self.renders()["test"]
-        m = self.cfg.infer.preprocessing
+        m = self.method_of(self.infer_stage())
         poses = json.loads(str(r["poses"]))
         idx = np.linspace(0, len(r["masks"]) - 1, min(n, len(r["masks"]))).astype(int)
-        shown = [k for k in (f"{m}_{role}" for role in ROLES) if k in preds] or list(preds)[:3]
+        shown = [k for k in preds if self.method_of(k) == m][:3] or list(preds)[:3]
         rows = []
         for i in idx:
             img = window(r["line_integral"][i], self.cfg.data.window_percentiles)
@@ -409,7 +325,7 @@ class XrayBonesTask(Task):
                 ("label", overlay(img, r["masks"][i], self.classes)),
             ]
             row += [
-                (f"{_method_of(k)} {ROLE_NAMES[_role_of(k)]}", overlay(img, preds[k][i], self.classes))
+                (k, overlay(img, preds[k][i], self.classes))
                 for k in shown
             ]
             rows.append(row)
@@ -504,7 +420,7 @@ class XrayBonesTask(Task):
         the training range, never the test poses); cached per stage."""
         cache = self.__dict__.setdefault("_val_thresholds", {})
         if name not in cache:
-            probs = self.predict_probs(net, self.dataset("val", _method_of(name))._fixed)  # type: ignore[arg-type]
+            probs = self.predict_probs(net, self.dataset("val", self.method_of(name))._fixed)  # type: ignore[arg-type]
             truth = self.renders()["val"]["masks"].astype(bool)
             grid = np.round(np.arange(0.05, 0.96, 0.05), 2)
             cache[name] = np.array(
@@ -525,7 +441,7 @@ class XrayBonesTask(Task):
     ) -> np.ndarray:
         """``C H W`` boolean masks of a 2D radiograph on its own pixel grid by stage ``name``."""
         x01, geo = self.to_model_grid(img, spacing_known, src)
-        probs = self.predict_probs(net, prepare_input(x01, _method_of(name))[None])[0]
+        probs = self.predict_probs(net, prepare_input(x01, self.method_of(name))[None])[0]
         return self.from_model_grid(probs, geo, img.shape) >= self.thresholds(name, net)[:, None, None]
 
     def read_labelled(self, case: RealCase) -> tuple[Image, bool, np.ndarray]:
@@ -546,16 +462,21 @@ class XrayBonesTask(Task):
             )
         return img, known, np.stack([values == k + 1 for k in range(len(self.classes))])
 
-    def predict_file(self, models: dict[str, torch.nn.Module], src: Path, dst: Path) -> Path:
+    def infer_stage(self) -> str:
+        """The stage ``predict`` uses: ``infer.stage``, else the last deployable network's."""
+        return self.cfg.infer.stage or self.runner.deployables()[-1][0]
+
+    def predict_file(self, src: Path, dst: Path) -> Path:
         """Segment one radiograph; write into folder ``dst`` one mask per class ``<stem>_<class>.png`` (0/255
         on the input's grid; 2D masks overlap, so no single label map), ``<stem>_overlay.png`` and
         ``<stem>_classes.json`` (class order, model, the pixel spacing used)."""
-        infer = self.cfg.infer
-        key = f"{infer.preprocessing}_{infer.model}"
-        if key not in models:
-            raise MedistillError(f"{self.run_dir}: stage {key} is not trained (have: {', '.join(models)})")
+        key = self.infer_stage()
+        if not self.runner.ckpt(key).exists():
+            have = ", ".join(self.stage_names()) or "none"
+            raise MedistillError(f"{self.run_dir}: stage {key} is not trained (have: {have})")
         img, known = self.read_input(Path(src))
-        masks = self.segment(key, models[key], img, known, Path(src))
+        net = self.stage_model(key)
+        masks = self.segment(key, net, img, known, Path(src))
         geo_mm = self.input_mm_per_pixel(img, known)
         dst = Path(dst)
         if dst.exists() and not dst.is_dir():
@@ -566,7 +487,7 @@ class XrayBonesTask(Task):
             write_image(img.with_array(m.astype(np.uint8) * 255), dst / f"{stem}_{c}.png", dtype=np.uint8)
         full01 = window(img.array.astype(np.float64), self.cfg.data.window_percentiles)
         small = (slice(None, None, -(-max(img.shape) // 800)),) * 2  # keep the overlay PNG light
-        label = f"{infer.preprocessing} {ROLE_NAMES[infer.model]}"
+        label = key
         shown = overlay(full01[small], masks[:, small[0], small[1]], self.classes)
         grey = np.repeat(full01[small][..., None], 3, 2)
         save_overlay_grid([[("radiograph", grey), (label, shown)]], self.classes, dst / f"{stem}_overlay.png")
@@ -576,7 +497,7 @@ class XrayBonesTask(Task):
             "model": key,
             "pixel_spacing_known": known,
             "model_pixel_mm": self.pixel_mm,
-            "thresholds": dict(zip(self.classes, self.thresholds(key, models[key]).tolist(), strict=True)),
+            "thresholds": dict(zip(self.classes, self.thresholds(key, net).tolist(), strict=True)),
             "input_mm_per_pixel_used": geo_mm,
             "fraction_of_image_per_class": {
                 c: float(m.mean()) for c, m in zip(self.classes, masks, strict=True)
@@ -584,11 +505,3 @@ class XrayBonesTask(Task):
         }
         (dst / f"{stem}_classes.json").write_text(json.dumps(info, indent=2) + "\n")
         return dst
-
-
-def _role_of(stage: str) -> str:
-    return next(r for r in sorted(ROLES, key=len, reverse=True) if stage.endswith("_" + r))
-
-
-def _method_of(stage: str) -> str:
-    return stage[: -len(_role_of(stage)) - 1]

@@ -118,12 +118,19 @@ class XrayData(StrictModel):
     test_poses: PoseRange = PoseRange(obliquity_deg=(10.0, 15.0))
     window_percentiles: tuple[float, float] = (0.5, 99.5)
     augment: Augment = Augment()
+    preprocessing: str = Field(
+        "none", description="network input: none | global_gradient | local_gradient (set per stage)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> XrayData:
+        from medistill.transforms.gradient import PREPROCESSING
+
         unknown = [c for c in self.classes if c not in CLASS_GROUPS]
         if unknown:
             raise ValueError(f"unknown classes {unknown}; choose from {', '.join(CLASS_GROUPS)}")
+        if self.preprocessing not in PREPROCESSING:
+            raise ValueError(f"unknown pre-processing {self.preprocessing!r}; choose from {', '.join(PREPROCESSING)}")
         check_disjoint(self.train_poses, self.test_poses)
         return self
 
@@ -273,7 +280,7 @@ def render(volume: Volume, poses: list[dict[str, Any]], size: int, field_mm: flo
 
 def cache_key(d: XrayData, split: str, seed: int, sources: tuple[Path, ...]) -> str:
     """Hash of everything that determines a split's renders (so a config or renderer change re-renders)."""
-    fields = d.model_dump(mode="json", exclude={"augment", "window_percentiles"})
+    fields = d.model_dump(mode="json", exclude={"augment", "window_percentiles", "preprocessing"})
     blob = json.dumps([RENDER_VERSION, fields, split, seed, [str(s) for s in sources]], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
