@@ -35,14 +35,20 @@ def markdown(rows: list[dict], ratios: list[dict]) -> str:
     )
     body = "".join(
         f"| {r['model']} | {r['params'] / 1e6:.2f} M | {r['gmacs_input']:.1f} | "
-        f"{r['min_s_torch']:.1f} / {r['median_s_torch']:.1f} | {r['min_s_onnx']:.1f} / {r['median_s_onnx']:.1f} |\n"
+        f"{r['min_s_torch']:.1f} / {r['median_s_torch']:.1f} | "
+        f"{r['min_s_onnx']:.1f} / {r['median_s_onnx']:.1f} |\n"
         for r in rows
     )
     ratio = "".join(
         f"- {q['model']}: " + ", ".join(f"{k} {v:.2f}x" for k, v in q.items() if k != "model") + "\n"
         for q in ratios
     )
-    return head + body + "\nRatios against the teacher (params, MACs, speed-up best backend vs best backend):\n" + ratio
+    return (
+        head
+        + body
+        + "\nRatios against the teacher (params, MACs, speed-up best backend vs best backend):\n"
+        + ratio
+    )
 
 
 def main() -> None:

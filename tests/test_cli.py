@@ -82,10 +82,18 @@ def _installed_cli() -> str:
         (["--bogus"], "Usage: medistill [OPTIONS] COMMAND", "No such option: --bogus"),
         (["trian"], "Usage: medistill [OPTIONS] COMMAND", "No such command 'trian'"),
         (["train"], "Usage: medistill train [OPTIONS]", "Missing argument"),
-        (["predict", "runs/demo", "image.nii.gz"], "Usage: medistill predict [OPTIONS]", "Missing option '--out'"),
+        (
+            ["predict", "runs/demo", "image.nii.gz"],
+            "Usage: medistill predict [OPTIONS]",
+            "Missing option '--out'",
+        ),
         (["simulate", "drr"], "Usage: medistill simulate drr [OPTIONS]", "Missing argument"),
         (["data", "fetch"], "Usage: medistill data fetch [OPTIONS]", "Missing argument"),
-        (["train", "configs/demo.yaml", "--stpes", "3"], "Usage: medistill train [OPTIONS]", "No such option"),
+        (
+            ["train", "configs/demo.yaml", "--stpes", "3"],
+            "Usage: medistill train [OPTIONS]",
+            "No such option",
+        ),
     ],
 )
 def test_installed_entry_point_usage_errors(args: list[str], usage: str, problem: str) -> None:
@@ -116,7 +124,9 @@ def test_unexpected_exception_is_one_line_exit_1(monkeypatch, capsys) -> None:
     monkeypatch.setattr(medistill.config, "load_config", broken)
     code, err = run_cli(["train", "configs/demo.yaml"], capsys)
     assert code == 1
-    assert err.strip() == "error: unexpected RuntimeError: the loader broke (run with --debug for the traceback)"
+    assert (
+        err.strip() == "error: unexpected RuntimeError: the loader broke (run with --debug for the traceback)"
+    )
     with pytest.raises(RuntimeError, match="the loader broke"):
         main(["--debug", "train", "configs/demo.yaml"])
 

@@ -12,14 +12,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from toy_tasks import GAN_STAGE, toy_cfg
-
 from medistill.config import apply_overrides, validate_config
 from medistill.engine.checkpoint import load_checkpoint, save_checkpoint
 from medistill.engine.data import GlobalBatchSampler
 from medistill.engine.stages import StageRunner
 from medistill.errors import MedistillError
 from medistill.tasks.base import make_task
+from toy_tasks import GAN_STAGE, toy_cfg
 
 
 def fit(cfg, run_dir: Path, **kw) -> dict:
@@ -86,7 +85,9 @@ def test_two_process_gloo_ddp_with_a_critic_matches_one_process(tmp_path: Path) 
         for k in one[model]:
             torch.testing.assert_close(one[model][k], two[model][k], rtol=1e-5, atol=1e-6)
     for key in ("loss", "loss_d"):
-        np.testing.assert_allclose(losses(tmp_path / "one", "gan", key), losses(tmp_path / "two", "gan", key), rtol=1e-4)
+        np.testing.assert_allclose(
+            losses(tmp_path / "one", "gan", key), losses(tmp_path / "two", "gan", key), rtol=1e-4
+        )
 
 
 def test_sampler_ranks_partition_each_global_batch() -> None:
@@ -118,8 +119,13 @@ def test_checkpoint_with_pickled_object_is_refused(tmp_path: Path) -> None:
 
 def test_config_errors_name_the_key_and_suggest() -> None:
     raw = {"task": "toy_regression", "train": {"lrr": 0.1}}
-    staged = {"task": "toy_regression", "stages": [{"name": "a", "models": {"net": {"name": "toy_mlp", "agrs": {}}}}]}
-    with pytest.raises(MedistillError, match=r"stages\.0\.models\.net\.agrs: unknown key \(did you mean args\?\)"):
+    staged = {
+        "task": "toy_regression",
+        "stages": [{"name": "a", "models": {"net": {"name": "toy_mlp", "agrs": {}}}}],
+    }
+    with pytest.raises(
+        MedistillError, match=r"stages\.0\.models\.net\.agrs: unknown key \(did you mean args\?\)"
+    ):
         validate_config(staged, "exp.yaml")
     with pytest.raises(MedistillError, match=r"train\.lrr: unknown key \(did you mean lr\?\)"):
         validate_config(raw, "exp.yaml")

@@ -57,7 +57,9 @@ def test_lung_task_learns_on_chest_ct(tmp_path: Path) -> None:
     assert case["dice"] > 0.90  # the stated bound after 60 steps at 64x64
     assert (run / "report.html").stat().st_size > 10_000 and (run / "eval" / "overlay.png").exists()
     losses = [
-        json.loads(ln)["loss"] for ln in (run / "model" / "metrics.jsonl").read_text().splitlines() if '"train"' in ln
+        json.loads(ln)["loss"]
+        for ln in (run / "model" / "metrics.jsonl").read_text().splitlines()
+        if '"train"' in ln
     ]
     assert losses[-1] < losses[0]
 

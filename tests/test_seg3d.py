@@ -41,7 +41,12 @@ TINY = {
     "stages": [
         {
             "name": "teacher",
-            "models": {"net": {"name": "dynunet_teacher", "args": {"features": [8, 16, 32, 64, 64], "strides": [1, 2, 2, 2, 2]}}},
+            "models": {
+                "net": {
+                    "name": "dynunet_teacher",
+                    "args": {"features": [8, 16, 32, 64, 64], "strides": [1, 2, 2, 2, 2]},
+                }
+            },
             "losses": {"seg": {"name": "deep_supervision", "args": {"loss": "dice_ce"}}},
             "steps": 16,  # liver Dice 0.63-0.75 over seeds 0-2 at 16 steps (0.39-0.77 at 10: too noisy)
         },
@@ -128,7 +133,9 @@ def test_three_stages_learn_evaluate_predict_and_export(tmp_path: Path, cohort: 
     main(["export", str(run)])
     parity = json.loads((run / "export" / "parity.json").read_text())
     assert set(parity) == {"teacher.net", "student_kd.net"}
-    assert all(p["max_abs_diff"] < 1e-3 and p["inputs"] == {"image": [1, 1, 32, 32, 32]} for p in parity.values())
+    assert all(
+        p["max_abs_diff"] < 1e-3 and p["inputs"] == {"image": [1, 1, 32, 32, 32]} for p in parity.values()
+    )
 
     main(["bench", str(run), "--repeats", "5"])
     profile = json.loads((run / "bench" / "profile.json").read_text())
@@ -175,7 +182,10 @@ def test_teacher_checkpoint_for_other_classes_is_refused(tmp_path: Path, cohort:
     path = tmp_path / "teacher_other.pt"
     save_checkpoint({"models": {"net": other.state_dict()}, "model_specs": {"net": spec.model_dump()}}, path)
     student = {**TINY["stages"][1], "frozen": {"teacher": {"checkpoint": str(path), "scales": True}}}
-    raw = yaml.safe_load(config(tmp_path, cohort / "dataset.json").read_text()) | {"stages": [student], "export": None}
+    raw = yaml.safe_load(config(tmp_path, cohort / "dataset.json").read_text()) | {
+        "stages": [student],
+        "export": None,
+    }
     task = Seg3DTask(validate_config(raw), tmp_path / "run2")
     with pytest.raises(MedistillError, match=r"teacher_other\.pt does not fit dynunet_teacher"):
         task.runner.run()

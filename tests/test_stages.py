@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from toy_tasks import GAN_STAGE, SUPERVISED_STAGE, TEACHER_STUDENT, TRAIN, toy_cfg
 
 from medistill.cli import main
 from medistill.engine.checkpoint import load_checkpoint
@@ -19,6 +18,7 @@ from medistill.engine.stages import StageRunner
 from medistill.engine.trainer import lr_lambda
 from medistill.errors import MedistillError
 from medistill.tasks.base import make_task
+from toy_tasks import GAN_STAGE, SUPERVISED_STAGE, TEACHER_STUDENT, TRAIN, toy_cfg
 
 
 def records(run: Path, stage: str, phase: str = "train") -> list[dict]:
@@ -27,7 +27,9 @@ def records(run: Path, stage: str, phase: str = "train") -> list[dict]:
 
 
 def write_yaml(path: Path, stages: list[dict], **train) -> Path:
-    path.write_text(yaml.safe_dump({"task": "toy_regression", "seed": 3, "train": TRAIN | train, "stages": stages}))
+    path.write_text(
+        yaml.safe_dump({"task": "toy_regression", "seed": 3, "train": TRAIN | train, "stages": stages})
+    )
     return path
 
 
@@ -108,9 +110,15 @@ def test_critic_is_frozen_during_the_generator_step(tmp_path: Path) -> None:
 
 
 def test_misspelled_distiller_argument_fails_before_training(tmp_path: Path) -> None:
-    stages = [TEACHER_STUDENT[0], TEACHER_STUDENT[1] | {"distillers": {"kd": {"name": "mskd", "args": {"temprature": 2}}}}]
-    with pytest.raises(MedistillError, match=r"stages\.student\.distillers\.kd\.args\.temprature: unknown argument "
-                       r"of distiller 'mskd' \(did you mean temperature\?\)"):
+    stages = [
+        TEACHER_STUDENT[0],
+        TEACHER_STUDENT[1] | {"distillers": {"kd": {"name": "mskd", "args": {"temprature": 2}}}},
+    ]
+    with pytest.raises(
+        MedistillError,
+        match=r"stages\.student\.distillers\.kd\.args\.temprature: unknown argument "
+        r"of distiller 'mskd' \(did you mean temperature\?\)",
+    ):
         StageRunner(toy_cfg(stages), tmp_path, make_task).run()
     assert not (tmp_path / "teacher").exists()  # nothing trained
 
@@ -118,14 +126,23 @@ def test_misspelled_distiller_argument_fails_before_training(tmp_path: Path) -> 
 def test_mismatched_multiscale_pairing_fails_before_training(tmp_path: Path) -> None:
     unet = {"spatial_dims": 2, "in_channels": 1, "out_channels": 3, "deep_supervision": True}
     stages = [
-        {"name": "teacher", "models": {"net": {"name": "unet", "args": unet | {"features": [4, 8, 16, 32]}}},
-         "losses": {"seg": {"name": "deep_supervision"}}},
-        {"name": "student", "models": {"net": {"name": "unet", "args": unet | {"features": [4, 8, 16]}}},
-         "frozen": {"teacher": {"stage": "teacher", "scales": True}},
-         "distillers": {"ms": {"name": "mskd"}}},
+        {
+            "name": "teacher",
+            "models": {"net": {"name": "unet", "args": unet | {"features": [4, 8, 16, 32]}}},
+            "losses": {"seg": {"name": "deep_supervision"}},
+        },
+        {
+            "name": "student",
+            "models": {"net": {"name": "unet", "args": unet | {"features": [4, 8, 16]}}},
+            "frozen": {"teacher": {"stage": "teacher", "scales": True}},
+            "distillers": {"ms": {"name": "mskd"}},
+        },
     ]
-    with pytest.raises(MedistillError, match=r"stages\.student\.distillers\.ms: mskd pairs scales one to one, but "
-                       r"the student unet gives 2 scale\(s\) and the teacher unet 3"):
+    with pytest.raises(
+        MedistillError,
+        match=r"stages\.student\.distillers\.ms: mskd pairs scales one to one, but "
+        r"the student unet gives 2 scale\(s\) and the teacher unet 3",
+    ):
         StageRunner(toy_cfg(stages), tmp_path, make_task).run()
     assert not (tmp_path / "teacher").exists()
     with pytest.raises(ValueError, match="student gives 2 scale"):  # and the distiller itself refuses
@@ -138,12 +155,14 @@ def test_frozen_teacher_trained_on_test_subjects_is_refused(tmp_path: Path) -> N
     # a teacher trained in another run whose training subjects are t0..t63: t0 and t1 are our test subjects
     StageRunner(toy_cfg([SUPERVISED_STAGE], data={"train_prefix": "t"}), tmp_path / "other", make_task).run()
     leaked = tmp_path / "other" / "model" / "best.pt"
-    stages = [{
-        "name": "student",
-        "models": {"net": {"name": "toy_mlp", "args": {"hidden": 4}}},
-        "frozen": {"teacher": {"checkpoint": str(leaked)}},
-        "distillers": {"kd": {"name": "output_match"}},
-    }]
+    stages = [
+        {
+            "name": "student",
+            "models": {"net": {"name": "toy_mlp", "args": {"hidden": 4}}},
+            "frozen": {"teacher": {"checkpoint": str(leaked)}},
+            "distillers": {"kd": {"name": "output_match"}},
+        }
+    ]
     with pytest.raises(MedistillError, match=r"trained on 2 of this run's test subjects \(t0, t1\)"):
         StageRunner(toy_cfg(stages), tmp_path / "run", make_task).run()
     assert not (tmp_path / "run" / "student").exists()
@@ -159,7 +178,9 @@ def test_raising_steps_of_a_scheduled_stage_is_refused(tmp_path: Path) -> None:
     with pytest.raises(MedistillError, match="would restart the schedule"):
         StageRunner(toy_cfg(steps=12, lr_schedule="cosine"), tmp_path, make_task).run()
     StageRunner(toy_cfg(steps=8, lr_schedule="constant"), tmp_path / "c", make_task).run()
-    StageRunner(toy_cfg(steps=12, lr_schedule="constant"), tmp_path / "c", make_task).run()  # constant: continues
+    StageRunner(
+        toy_cfg(steps=12, lr_schedule="constant"), tmp_path / "c", make_task
+    ).run()  # constant: continues
     assert load_checkpoint(tmp_path / "c" / "model" / "last.pt")["step"] == 12
 
 

@@ -15,9 +15,9 @@ from pydantic import ValidationError
 
 from example_data import require_example
 from medistill.cli import main
+from medistill.distill.cakd import multilabel_affinity_logits
 from medistill.errors import MedistillError
 from medistill.io.images import Image, read_image, write_image
-from medistill.distill.cakd import multilabel_affinity_logits
 from medistill.tasks.xray import RealCase
 from medistill.tasks.xray_data import (
     Augment,

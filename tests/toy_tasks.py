@@ -91,7 +91,11 @@ class ToyTask(Task):
         scores = ctx.models["critic"](torch.cat([torch.cat([x, y], 1), fakes]))
         d_loss = adv.fn.critic(scores[: len(x)], scores[len(x) :])
         ctx.optimize("critic", d_loss)
-        return {"loss": float(g_rec.detach()), "loss_g": float(g_adv.detach()), "loss_d": float(d_loss.detach())}
+        return {
+            "loss": float(g_rec.detach()),
+            "loss_g": float(g_adv.detach()),
+            "loss_d": float(d_loss.detach()),
+        }
 
     def validate(self, ctx, loader):
         errs = [torch.nn.functional.mse_loss(ctx.models["net"](b["x"]), b["y"]).item() for b in loader]
@@ -115,7 +119,11 @@ SUPERVISED_STAGE = {
 }
 
 TEACHER_STUDENT = [
-    {"name": "teacher", "models": {"net": {"name": "toy_mlp", "args": {"hidden": 32}}}, "losses": {"mse": {"name": "mse"}}},
+    {
+        "name": "teacher",
+        "models": {"net": {"name": "toy_mlp", "args": {"hidden": 32}}},
+        "losses": {"mse": {"name": "mse"}},
+    },
     {
         "name": "student",
         "models": {"net": {"name": "toy_mlp", "args": {"hidden": 4}}},
@@ -131,7 +139,13 @@ GAN_STAGE = {
     "losses": {"adv": {"name": "gan", "weight": 0.1, "args": {"mode": "lsgan"}}, "rec": {"name": "mse"}},
     "optimizers": {
         "gen": {"models": ["net"], "type": "adam", "lr": 0.01, "betas": [0.5, 0.999], "schedule": "linear"},
-        "critic": {"models": ["critic"], "type": "adam", "lr": 0.005, "betas": [0.5, 0.999], "schedule": "cosine"},
+        "critic": {
+            "models": ["critic"],
+            "type": "adam",
+            "lr": 0.005,
+            "betas": [0.5, 0.999],
+            "schedule": "cosine",
+        },
     },
 }
 

@@ -88,7 +88,9 @@ class Registry:
         if unknown and not _takes_kwargs(obj):
             close = difflib.get_close_matches(unknown[0], params, n=3, cutoff=0.5)
             hint = f"did you mean {', '.join(close)}?" if close else f"valid: {', '.join(params) or 'none'}"
-            raise MedistillError(f"{where}.args.{unknown[0]}: unknown argument of {self.kind} {name!r} ({hint})")
+            raise MedistillError(
+                f"{where}.args.{unknown[0]}: unknown argument of {self.kind} {name!r} ({hint})"
+            )
         missing = [k for k, required in params.items() if required and k not in args and k not in supplied]
         if missing:
             raise MedistillError(f"{where}.args: {self.kind} {name!r} needs {', '.join(missing)}")

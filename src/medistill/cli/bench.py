@@ -53,12 +53,23 @@ def bench(
         f"{machine['load_avg_1min']:.2f}; min / median of {repeats} runs after a warm-up"
     )
     table = Table(title=f"{run}: one whole case per network (reference {reference})")
-    columns = ["model", "params", "gmacs_whole", "min_s_torch", "median_s_torch", "min_s_onnx", "median_s_onnx"]
+    columns = [
+        "model",
+        "params",
+        "gmacs_whole",
+        "min_s_torch",
+        "median_s_torch",
+        "min_s_onnx",
+        "median_s_onnx",
+    ]
     for c in [*columns, "best_backend"]:
         table.add_column(c, justify="right")
     for r in rows:
         table.add_row(
-            *(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in [*columns, "best_backend"])
+            *(
+                f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, ""))
+                for c in [*columns, "best_backend"]
+            )
         )
     Console().print(table)
     for name, case in cases.items():

@@ -21,10 +21,14 @@ SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="override a config value: a.b=c (repeatable)")
 ]
 OverwriteOpt = Annotated[bool, typer.Option(help="start afresh in an existing run folder")]
-StageOpt = Annotated[str | None, typer.Option("--stage", help="run only this stage (its inputs must be trained)")]
+StageOpt = Annotated[
+    str | None, typer.Option("--stage", help="run only this stage (its inputs must be trained)")
+]
 
 
-def _train(config: Path, out: Path | None, overrides: list[str], overwrite: bool, stage: str | None = None) -> Path:
+def _train(
+    config: Path, out: Path | None, overrides: list[str], overwrite: bool, stage: str | None = None
+) -> Path:
     from medistill.config import load_config
     from medistill.runs import prepare_run
 
@@ -170,7 +174,9 @@ def export(
         net = task.stage_model(stage, model)
         inputs = task.deploy_inputs(stage, model)
         path = run / "export" / f"{stage}.{model}.onnx"
-        diff = export_with_parity(net, inputs, path, tolerance=tolerance, dynamic_spatial=task.dynamic_spatial(stage, model))
+        diff = export_with_parity(
+            net, inputs, path, tolerance=tolerance, dynamic_spatial=task.dynamic_spatial(stage, model)
+        )
         report[f"{stage}.{model}"] = {
             "onnx": str(path),
             "max_abs_diff": diff,

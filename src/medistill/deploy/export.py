@@ -15,7 +15,6 @@ import torch
 from medistill.errors import MedistillError
 from medistill.io.atomic import atomic_path
 
-
 Inputs = dict[str, torch.Tensor]
 
 

@@ -26,7 +26,6 @@ from torch.nn import functional as F
 from medistill.distill.kd import Outputs, check_same_shape, paired_scales, weighted_over_scales
 from medistill.registry import DISTILLERS
 
-
 ACTIVATIONS = ("softmax", "sigmoid")
 
 
@@ -66,7 +65,10 @@ class CAKD(nn.Module):
     multiscale = True  # takes every deep-supervision output (the stage runner checks the pairing)
 
     def __init__(
-        self, temperature: float = 1.0, scale_weights: Sequence[float] | None = None, activation: str = "softmax"
+        self,
+        temperature: float = 1.0,
+        scale_weights: Sequence[float] | None = None,
+        activation: str = "softmax",
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:

@@ -115,7 +115,9 @@ class StageRunner:
                 if spec.init_from:
                     src, model = _ref(spec.init_from, key)
                     if src not in seen:
-                        raise MedistillError(f"{where}.models.{key}.init_from: {src!r} is not an earlier stage")
+                        raise MedistillError(
+                            f"{where}.models.{key}.init_from: {src!r} is not an earlier stage"
+                        )
                     self.model_spec(src, model, f"{where}.models.{key}.init_from")
             for key, fz in stage.frozen.items():
                 if fz.stage is not None:
@@ -130,15 +132,22 @@ class StageRunner:
                     build_term(spec, f"{where}.{group}.{key}")
             for key, spec in stage.distillers.items():
                 if spec.student not in stage.models:
-                    raise MedistillError(f"{where}.distillers.{key}.student: {spec.student!r} is not a model of the stage")
+                    raise MedistillError(
+                        f"{where}.distillers.{key}.student: {spec.student!r} is not a model of the stage"
+                    )
                 if spec.teacher not in stage.frozen:
-                    raise MedistillError(f"{where}.distillers.{key}.teacher: {spec.teacher!r} is not a frozen model of the stage")
+                    raise MedistillError(
+                        f"{where}.distillers.{key}.teacher: {spec.teacher!r} is not a frozen model "
+                        "of the stage"
+                    )
             self._check_scales(stage, task)
             for key, opt in stage.optimizers.items():
                 names = set(stage.models) | {f"distillers.{k}" for k in stage.distillers}
                 unknown = [m for m in opt.models if m not in names]
                 if unknown:
-                    raise MedistillError(f"{where}.optimizers.{key}.models: {unknown} are not models of the stage")
+                    raise MedistillError(
+                        f"{where}.optimizers.{key}.models: {unknown} are not models of the stage"
+                    )
             seen.append(stage.name)
         for ref in self.cfg.export or []:
             st, model = _ref(ref, "net")
@@ -152,7 +161,8 @@ class StageRunner:
         specs = state.get("model_specs", {})
         if fz.model not in specs:
             raise MedistillError(
-                f"{fz.checkpoint}: no model {fz.model!r} with its spec in the checkpoint (has: {', '.join(specs)})"
+                f"{fz.checkpoint}: no model {fz.model!r} with its spec in the checkpoint "
+                f"(has: {', '.join(specs) or 'none'})"
             )
         return fz.model, ModelSpec.model_validate(specs[fz.model])
 
@@ -164,7 +174,9 @@ class StageRunner:
             student = task.build_model(spec.student, stage.models[spec.student], probe=True)
             fz = stage.frozen[spec.teacher]
             if fz.stage is None and not fz.checkpoint.is_file():
-                raise MedistillError(f"stages.{stage.name}.frozen.{spec.teacher}.checkpoint: {fz.checkpoint} not found")
+                raise MedistillError(
+                    f"stages.{stage.name}.frozen.{spec.teacher}.checkpoint: {fz.checkpoint} not found"
+                )
             name, tspec = self._frozen_spec(fz)
             teacher = task.build_model(name, tspec, probe=True)
             n_s = int(getattr(student, "n_scales", 1))
@@ -173,7 +185,7 @@ class StageRunner:
                 raise MedistillError(
                     f"stages.{stage.name}.distillers.{key}: {spec.name} pairs scales one to one, but the "
                     f"student {stage.models[spec.student].name} gives {n_s} scale(s) and the teacher "
-                    f"{tspec.name} {n_t}{'' if fz.scales else ' (frozen.' + spec.teacher + '.scales is false)'}"
+                    f"{tspec.name} {n_t}" + ("" if fz.scales else f" (frozen.{spec.teacher}.scales is false)")
                 )
 
     # --- splits ------------------------------------------------------------------------------------
@@ -229,7 +241,9 @@ class StageRunner:
             try:
                 net.load_state_dict(state["models"][name])
             except RuntimeError as exc:
-                raise MedistillError(f"{where}: {path} does not fit {spec.name}: {str(exc).splitlines()[0]}") from exc
+                raise MedistillError(
+                    f"{where}: {path} does not fit {spec.name}: {str(exc).splitlines()[0]}"
+                ) from exc
             out[key] = FrozenTeacher(net, fz.features, multiscale=fz.scales)
         return out
 
@@ -255,7 +269,10 @@ class StageRunner:
         self.validate()
         names = [self.stage(only).name] if only else self.order
         splits = self.write_splits()
-        meta_subjects = {"train_subjects": splits.get("train", []), "train_hash": subjects_hash(splits.get("train", []))}
+        meta_subjects = {
+            "train_subjects": splits.get("train", []),
+            "train_hash": subjects_hash(splits.get("train", [])),
+        }
         results: dict[str, Any] = {}
         info = init_distributed(resolve_device(self.cfg.train.device))
         try:
@@ -268,7 +285,9 @@ class StageRunner:
                 meta = meta_subjects | {
                     "model_specs": {k: m.model_dump(mode="json") for k, m in stage.models.items()}
                 }
-                trainer = Trainer(task, self.run_dir, stage, self._frozen_models(stage), self._init_weights(stage), meta)
+                trainer = Trainer(
+                    task, self.run_dir, stage, self._frozen_models(stage), self._init_weights(stage), meta
+                )
                 results[name] = trainer.fit(stop_at=stop_at)
         finally:
             cleanup(info)

@@ -120,7 +120,9 @@ class StepContext:
     def optimize(self, name: str, loss: torch.Tensor) -> None:
         """Backward ``loss`` and step optimizer ``name`` (zero-grad, AMP scaling, its clipping)."""
         if name not in self.optimizers:
-            raise KeyError(f"stage {self.stage!r} has no optimizer {name!r} (has: {', '.join(self.optimizers)})")
+            raise KeyError(
+                f"stage {self.stage!r} has no optimizer {name!r} (has: {', '.join(self.optimizers)})"
+            )
         opt = self.optimizers[name]
         scaler = self.scalers[name]
         opt.zero_grad(set_to_none=True)
@@ -327,7 +329,17 @@ class Trainer:
         scalers = {k: torch.amp.GradScaler(device.type, enabled=use_scaler) for k in optimizers}
         frozen = {k: m.to(device) for k, m in self.frozen.items()}
         ctx = StepContext(
-            models, frozen, device, losses, distillers, optimizers, scalers, clips, self.tcfg.amp, 0, info,
+            models,
+            frozen,
+            device,
+            losses,
+            distillers,
+            optimizers,
+            scalers,
+            clips,
+            self.tcfg.amp,
+            0,
+            info,
             stage=name,
         )
         return raw, ctx, schedulers
@@ -352,7 +364,11 @@ class Trainer:
             self._check_resumable(state, last)
             for k, m in raw_models.items():
                 m.load_state_dict(state["models"][k])
-            for group, objs in (("optimizers", ctx.optimizers), ("schedulers", schedulers), ("scalers", ctx.scalers)):
+            for group, objs in (
+                ("optimizers", ctx.optimizers),
+                ("schedulers", schedulers),
+                ("scalers", ctx.scalers),
+            ):
                 for k, obj in objs.items():
                     obj.load_state_dict(state[group][k])
             for k, obj in ctx.states.items():
@@ -414,8 +430,11 @@ class Trainer:
         total = state.get("total_steps")
         if total is None or total == self.steps:
             return
-        scheduled = [k for k, (spec, _) in self._optimizer_groups(list(state["models"])).items()
-                     if spec.schedule != "constant"]
+        scheduled = [
+            k
+            for k, (spec, _) in self._optimizer_groups(list(state["models"])).items()
+            if spec.schedule != "constant"
+        ]
         if scheduled:
             raise MedistillError(
                 f"{path}: stage {self.stage.name!r} was trained with LR schedules over {total} steps; "
@@ -428,8 +447,15 @@ class Trainer:
             for m in raw_models.values():
                 m.eval()
             vctx = StepContext(
-                raw_models, ctx.frozen, self.device, ctx.losses, ctx.distillers, amp=ctx.amp, step=step,
-                dist=self.dist, stage=self.stage.name,
+                raw_models,
+                ctx.frozen,
+                self.device,
+                ctx.losses,
+                ctx.distillers,
+                amp=ctx.amp,
+                step=step,
+                dist=self.dist,
+                stage=self.stage.name,
             )
             with torch.no_grad():
                 metrics = self.task.validate(vctx, loader)
@@ -440,7 +466,9 @@ class Trainer:
                     f"stage {self.stage.name!r}: validation gave no metric {self.metric!r} "
                     f"(has: {', '.join(metrics)})"
                 )
-            better = best["value"] is None or (value > best["value"] if self.mode == "max" else value < best["value"])
+            better = best["value"] is None or (
+                value > best["value"] if self.mode == "max" else value < best["value"]
+            )
             if better:
                 best = best | {"value": float(value), "step": step}
                 self._save_best(raw_models, best)
@@ -458,7 +486,9 @@ class Trainer:
         }
 
     def _save_best(self, raw_models, best) -> None:
-        save_checkpoint(self._base_state(raw_models) | {"step": best["step"], "best": best}, self.ckpt_path("best"))
+        save_checkpoint(
+            self._base_state(raw_models) | {"step": best["step"], "best": best}, self.ckpt_path("best")
+        )
 
     def _save_last(self, step, raw_models, ctx, schedulers, best) -> None:
         if not self.dist.is_main:

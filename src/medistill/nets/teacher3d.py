@@ -34,7 +34,8 @@ class DynUNetTeacher(nn.Module):
         features: width per level (nnU-Net 3D full-res: 32, 64, 128, 256, 320, 320).
         strides: down-sampling stride per level (the first is 1); an int or one per axis for anisotropic
             data, e.g. ``(1, (1, 2, 2), 2, 2, 2, 2)``.
-        deep_supervision: ``forward(x, scales=True)`` returns logits at the ``1 + deep_supr_num`` finest scales.
+        deep_supervision: ``forward(x, scales=True)`` returns logits at the ``1 + deep_supr_num`` finest
+            scales.
         deep_supr_num: coarse deep-supervision outputs (3 gives scales 1, 1/2, 1/4, 1/8 as in LCOV-Net).
         norm, act: as DynUNet (affine instance norm, LeakyReLU 0.01: nnU-Net's choices).
         dropout: dropout probability in the conv blocks.

@@ -65,6 +65,7 @@ class Task(ABC):
 
     def setup_stage(self, ctx: StepContext) -> None:
         """Register extra training state with ``ctx.add_state`` (image pools, EMA); none by default."""
+        return None
 
     @abstractmethod
     def training_step(self, batch: Any, ctx: StepContext) -> dict[str, float]:
@@ -76,7 +77,7 @@ class Task(ABC):
 
     @abstractmethod
     def splits(self) -> dict[str, list[str]]:
-        """Subject or case ids of each split (``train``, ``val``, ``test``), written to ``RUN/splits.json``."""
+        """Subject or case ids of each split (``train``, ``val``, ``test``), for ``RUN/splits.json``."""
 
     # --- stages of this run ------------------------------------------------------------------------
     @property

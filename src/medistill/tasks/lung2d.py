@@ -188,7 +188,9 @@ class Lung2DTask(Task):
         net = super().build_model(key, spec, probe)
         div = int(np.max(getattr(net, "divisor", 1)))
         if self.cfg.data.size % div:
-            raise MedistillError(f"data.size={self.cfg.data.size} must be a multiple of {div} for {spec.name}")
+            raise MedistillError(
+                f"data.size={self.cfg.data.size} must be a multiple of {div} for {spec.name}"
+            )
         return net
 
     def deploy_inputs(self, stage: str, model: str) -> dict[str, torch.Tensor]:

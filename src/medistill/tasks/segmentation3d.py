@@ -39,8 +39,8 @@ from medistill.metrics.segmentation import dice, score_structures, summary_markd
 from medistill.metrics.segmentation import summarise as summarise_scores
 from medistill.registry import TASKS
 from medistill.tasks.base import Task
-from medistill.tasks.steps import supervised_step
 from medistill.tasks.cohort import CohortSpec, make_cohort, read_splits
+from medistill.tasks.steps import supervised_step
 
 RAS_ORNT = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
 
@@ -356,7 +356,9 @@ class Seg3DTask(Task):
         net = super().build_model(key, spec, probe)
         div = np.broadcast_to(np.asarray(getattr(net, "divisor", 1)), (3,))
         if any(p % int(m) for p, m in zip(self.cfg.data.patch, div, strict=True)):
-            raise MedistillError(f"data.patch {tuple(self.cfg.data.patch)} must be divisible by {tuple(div)} for {spec.name}")
+            raise MedistillError(
+                f"data.patch {tuple(self.cfg.data.patch)} must be divisible by {tuple(div)} for {spec.name}"
+            )
         return net
 
     # --- steps -------------------------------------------------------------------------------------
@@ -391,9 +393,16 @@ class Seg3DTask(Task):
         vol, lab = self.load_case(self.dataset()[1]["val"][0])
         centre = np.argwhere(lab > 0).mean(0).astype(int) if (lab > 0).any() else np.array(lab.shape) // 2
         x = torch.from_numpy(vol.image)[None, None]
-        starts = [int(np.clip(c - p // 2, 0, max(0, n - p))) for c, p, n in zip(centre, self.cfg.data.patch, lab.shape, strict=True)]
+        starts = [
+            int(np.clip(c - p // 2, 0, max(0, n - p)))
+            for c, p, n in zip(centre, self.cfg.data.patch, lab.shape, strict=True)
+        ]
         patch = x[(..., *(slice(a, a + p) for a, p in zip(starts, self.cfg.data.patch, strict=True)))]
-        pad = [q for p, n in reversed(list(zip(self.cfg.data.patch, patch.shape[2:], strict=True))) for q in (0, p - n)]
+        pad = [
+            q
+            for p, n in reversed(list(zip(self.cfg.data.patch, patch.shape[2:], strict=True)))
+            for q in (0, p - n)
+        ]
         return {"image": F.pad(patch, pad, value=vol.pad_value)}
 
     def whole_input(self, stage: str, model: str) -> tuple[str, dict[str, torch.Tensor]]:
@@ -492,7 +501,11 @@ class Seg3DTask(Task):
     def curves_figure(self, out: Path) -> Path:
         from medistill.report.figures import plot_training_curves
 
-        stages = {s: self.run_dir / s for s in self.stage_names(trained_only=False) if (self.run_dir / s / "metrics.jsonl").exists()}
+        stages = {
+            s: self.run_dir / s
+            for s in self.stage_names(trained_only=False)
+            if (self.run_dir / s / "metrics.jsonl").exists()
+        }
         return plot_training_curves(stages, out, val_metric="dice")
 
     def overlay_figure(self, models: dict[str, torch.nn.Module], case_id: str, out: Path) -> Path:

@@ -19,12 +19,16 @@ def _floats(out: Any) -> Any:
     return [o.float() for o in out] if isinstance(out, list | tuple) else out.float()
 
 
-def supervised_step(ctx: Any, x: torch.Tensor, target: torch.Tensor, student: str = "net") -> dict[str, float]:
+def supervised_step(
+    ctx: Any, x: torch.Tensor, target: torch.Tensor, student: str = "net"
+) -> dict[str, float]:
     """One optimizer step of ``student`` on ``sum(losses) + sum(distillers)``; returns the logged parts."""
     if not ctx.losses and not ctx.distillers:
         raise MedistillError(f"stage {ctx.stage!r} has neither losses nor distillers: nothing to train")
     if len(ctx.optimizers) != 1:
-        raise MedistillError(f"stage {ctx.stage!r}: a supervised step takes one optimizer, has {list(ctx.optimizers)}")
+        raise MedistillError(
+            f"stage {ctx.stage!r}: a supervised step takes one optimizer, has {list(ctx.optimizers)}"
+        )
     with ctx.autocast():
         out = _floats(ctx.models[student](x, scales=True))
         loss, parts = ctx.total(ctx.losses, out, target)

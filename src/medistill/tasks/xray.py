@@ -6,7 +6,8 @@ labelled CT (:mod:`medistill.tasks.xray_data`); for each pre-processing (``none`
 ``local_gradient``; :mod:`medistill.transforms.gradient`) a U-Net teacher, a thin student distilled from
 it and the same student without distillation are trained (the stages of the preset, each naming its
 pre-processing with ``set: {data.preprocessing: ...}``); ``evaluate`` reports per-class Dice on binary
-masks at held-out poses for every trained stage next to an image-free prior; ``predict`` segments a real radiograph (DICOM/PNG) at the model's pixel spacing.
+masks at held-out poses for every trained stage next to an image-free prior; ``predict`` segments a real
+radiograph (DICOM/PNG) at the model's pixel spacing.
 
 Deviations from the original (spec D.8), with the reason:
 
@@ -60,7 +61,9 @@ RASTER_OR_DICOM = (".dcm", ".dicom", ".ima", ".png", ".tif", ".tiff")
 
 
 class XrayInfer(StrictModel):
-    stage: str | None = Field(None, description="the stage predict uses (default: the last deployable network)")
+    stage: str | None = Field(
+        None, description="the stage predict uses (default: the last deployable network)"
+    )
     threshold: float | Literal["val"] = Field(
         "val", description="sigmoid threshold, or 'val': per model and class, the best on the validation DRRs"
     )
@@ -210,7 +213,9 @@ class XrayBonesTask(Task):
         net = super().build_model(key, spec, probe)
         div = int(np.max(getattr(net, "divisor", 1)))
         if self.cfg.data.size % div:
-            raise MedistillError(f"data.size={self.cfg.data.size} must be a multiple of {div} for {spec.name}")
+            raise MedistillError(
+                f"data.size={self.cfg.data.size} must be a multiple of {div} for {spec.name}"
+            )
         return net
 
     def training_step(self, batch: dict[str, torch.Tensor], ctx: Any) -> dict[str, float]:
@@ -324,10 +329,7 @@ class XrayBonesTask(Task):
                 (f"DRR {title}", np.repeat(img[..., None], 3, 2)),
                 ("label", overlay(img, r["masks"][i], self.classes)),
             ]
-            row += [
-                (k, overlay(img, preds[k][i], self.classes))
-                for k in shown
-            ]
+            row += [(k, overlay(img, preds[k][i], self.classes)) for k in shown]
             rows.append(row)
         return save_overlay_grid(rows, self.classes, out)
 

@@ -130,7 +130,9 @@ class XrayData(StrictModel):
         if unknown:
             raise ValueError(f"unknown classes {unknown}; choose from {', '.join(CLASS_GROUPS)}")
         if self.preprocessing not in PREPROCESSING:
-            raise ValueError(f"unknown pre-processing {self.preprocessing!r}; choose from {', '.join(PREPROCESSING)}")
+            raise ValueError(
+                f"unknown pre-processing {self.preprocessing!r}; choose from {', '.join(PREPROCESSING)}"
+            )
         check_disjoint(self.train_poses, self.test_poses)
         return self
 
