@@ -204,3 +204,13 @@ def test_image_pool_mixes_history_and_resumes() -> None:
 def test_linear_schedule_holds_then_decays() -> None:
     f = lr_lambda("linear", total=100, warmup=0, decay_start=0.5)
     assert f(0) == f(49) == 1.0 and f(75) == pytest.approx(0.5) and f(100) == 0.0
+
+
+def test_an_input_size_the_network_cannot_take_is_refused() -> None:
+    from medistill.nets import UNet
+    from medistill.tasks.base import require_divisible
+
+    net = UNet(2, 1, 2, features=(4, 8, 16, 32))  # three poolings: multiples of 8
+    require_divisible(net, (64, 64), "data.size", "unet")
+    with pytest.raises(MedistillError, match=r"data\.size \(60, 60\) must be divisible by \(8, 8\) for unet"):
+        require_divisible(net, (60, 60), "data.size", "unet")

@@ -11,10 +11,11 @@ training, :meth:`evaluate`, :meth:`predict_file`, :meth:`deploy_inputs`, :meth:`
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -28,6 +29,16 @@ if TYPE_CHECKING:
 
 #: ``{input name: tensor}`` -> output, by PyTorch or onnxruntime (see :mod:`medistill.deploy.profile`)
 Predictor = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+def require_divisible(net: torch.nn.Module, shape: Sequence[int], field: str, name: str) -> None:
+    """Refuse an input ``shape`` (the config ``field``) that network ``name`` cannot take: every axis must
+    be a multiple of the net's ``divisor`` (its total down-sampling, per axis or one number)."""
+    div = np.broadcast_to(np.asarray(getattr(net, "divisor", 1)), (len(shape),))
+    if any(int(s) % int(d) for s, d in zip(shape, div, strict=True)):
+        raise MedistillError(
+            f"{field} {tuple(shape)} must be divisible by {tuple(int(d) for d in div)} for {name}"
+        )
 
 
 def make_task(cfg: ExperimentConfig, run_dir: Path) -> Task:

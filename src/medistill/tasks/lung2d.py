@@ -30,7 +30,7 @@ from medistill.io.axial import axial_axis
 from medistill.io.images import Image, check_same_grid, read_image, write_image
 from medistill.metrics.segmentation import dice
 from medistill.registry import TASKS
-from medistill.tasks.base import Task
+from medistill.tasks.base import Task, require_divisible
 from medistill.tasks.steps import supervised_step
 
 SPLITS = ("train", "train", "val", "train", "test")  # slab pattern along z
@@ -186,11 +186,7 @@ class Lung2DTask(Task):
 
     def build_model(self, key: str, spec: ModelSpec, probe: bool = False) -> torch.nn.Module:
         net = super().build_model(key, spec, probe)
-        div = int(np.max(getattr(net, "divisor", 1)))
-        if self.cfg.data.size % div:
-            raise MedistillError(
-                f"data.size={self.cfg.data.size} must be a multiple of {div} for {spec.name}"
-            )
+        require_divisible(net, (self.cfg.data.size,) * 2, "data.size", spec.name)
         return net
 
     def deploy_inputs(self, stage: str, model: str) -> dict[str, torch.Tensor]:

@@ -38,7 +38,7 @@ from medistill.io.images import Image, read_image, write_image
 from medistill.metrics.segmentation import dice, score_structures, summary_markdown
 from medistill.metrics.segmentation import summarise as summarise_scores
 from medistill.registry import TASKS
-from medistill.tasks.base import Task
+from medistill.tasks.base import Task, require_divisible
 from medistill.tasks.cohort import CohortSpec, make_cohort, read_splits
 from medistill.tasks.steps import supervised_step
 
@@ -354,11 +354,7 @@ class Seg3DTask(Task):
 
     def build_model(self, key: str, spec: ModelSpec, probe: bool = False) -> torch.nn.Module:
         net = super().build_model(key, spec, probe)
-        div = np.broadcast_to(np.asarray(getattr(net, "divisor", 1)), (3,))
-        if any(p % int(m) for p, m in zip(self.cfg.data.patch, div, strict=True)):
-            raise MedistillError(
-                f"data.patch {tuple(self.cfg.data.patch)} must be divisible by {tuple(div)} for {spec.name}"
-            )
+        require_divisible(net, self.cfg.data.patch, "data.patch", spec.name)
         return net
 
     # --- steps -------------------------------------------------------------------------------------

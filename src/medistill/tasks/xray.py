@@ -41,7 +41,7 @@ from medistill.errors import MedistillError
 from medistill.io.images import Image, read_image, read_radiograph, write_image
 from medistill.metrics.segmentation import dice, rows_markdown, summarise_batch, summary_row
 from medistill.registry import TASKS
-from medistill.tasks.base import Task
+from medistill.tasks.base import Task, require_divisible
 from medistill.tasks.steps import supervised_step
 from medistill.tasks.xray_data import DRRSet, XrayData, load_or_render, window
 from medistill.transforms.gradient import prepare_input
@@ -211,11 +211,7 @@ class XrayBonesTask(Task):
 
     def build_model(self, key: str, spec: ModelSpec, probe: bool = False) -> torch.nn.Module:
         net = super().build_model(key, spec, probe)
-        div = int(np.max(getattr(net, "divisor", 1)))
-        if self.cfg.data.size % div:
-            raise MedistillError(
-                f"data.size={self.cfg.data.size} must be a multiple of {div} for {spec.name}"
-            )
+        require_divisible(net, (self.cfg.data.size,) * 2, "data.size", spec.name)
         return net
 
     def training_step(self, batch: dict[str, torch.Tensor], ctx: Any) -> dict[str, float]:
