@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from medistill.nets.blocks import ConvNormAct, DoubleConv, UpSample, count_parameters
+from medistill.nets.gan import PatchGAN, ResnetGenerator
 from medistill.nets.lcovnet import LACB, LCOVNet
 from medistill.nets.teacher3d import DynUNetTeacher
 from medistill.nets.unet import UNet
@@ -15,6 +16,8 @@ __all__ = [
     "DoubleConv",
     "DynUNetTeacher",
     "LCOVNet",
+    "PatchGAN",
+    "ResnetGenerator",
     "UNet",
     "UpSample",
     "count_parameters",
