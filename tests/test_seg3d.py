@@ -208,11 +208,12 @@ def test_organ_scores_are_perfect_on_truth_and_hd95_in_mm() -> None:
     assert off["dice_kidney"] == pytest.approx(0.6) and off["hd95_kidney"] == pytest.approx(4.0)
 
 
-def test_preprocessing_normalises_the_whole_volume_in_ras(tmp_path: Path) -> None:
-    from medistill.tasks.segmentation3d import preprocess
+def test_volume_zscore_normalises_the_whole_volume_in_ras(tmp_path: Path) -> None:
+    """The earlier scheme (kept to evaluate models trained with it): the input volume's own z-score."""
+    from medistill.tasks.segmentation3d import Normalisation, preprocess
 
     ct, _ = phantom_abdomen()
-    vol = preprocess(ct, (4.0, 4.0, 4.0), (-160.0, 240.0))
+    vol = preprocess(ct, (4.0, 4.0, 4.0), Normalisation("volume_zscore", (-160.0, 240.0)))
     assert vol.image.shape == (40, 40, 48)  # 80 x 2 mm, 80 x 2 mm, 48 x 4 mm at 4 mm
     assert abs(float(vol.image.mean())) < 1e-3 and abs(float(vol.image.std()) - 1) < 1e-3
     assert np.all(np.diag(vol.affine)[:3] > 0)  # RAS: the LAS input's x axis was flipped

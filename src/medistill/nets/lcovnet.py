@@ -8,8 +8,10 @@ Deviations from the released code (``exact=True`` and ``kernel_orientation="code
 
 * Kernel orientation: the code's (1,1,3) then (3,3,1) kernels act along W and on the D x H plane;
   the paper means a through-plane 1-D conv then an in-plane conv. We default to the paper's intent,
-  "paper": ``3 x 1 x 1`` (axis 0 = D, through-plane) then ``1 x 3 x 3`` (in-plane); "code" gives the
-  released ``1 x 1 x 3`` then ``3 x 3 x 1``. Both have the same parameter count.
+  "paper": ``3`` along the through-plane axis then ``3 x 3`` in-plane, with the through-plane axis an
+  argument (``through_plane_axis``; ``3 x 1 x 1`` then ``1 x 3 x 3`` for axis 0 = D), since an array's
+  axis order is not its anatomy; "code" gives the released ``1 x 1 x 3`` then ``3 x 3 x 1``. Both have
+  the same parameter count.
 * LACB-L gate: the code applies ReLU6 before the sigmoid, so the gate never drops below 0.5; we drop
   that ReLU6 (``exact=False``) so the gate can suppress.
 * Dropout: channel dropout (``Dropout3d``) instead of the code's element-wise ``nn.Dropout``.
@@ -37,14 +39,28 @@ ORIENTATIONS = ("paper", "code")
 _LINEAR_MODE = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
 
-def separable_kernels(spatial_dims: int, orientation: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def check_axis(through_plane_axis: int, spatial_dims: int, name: str) -> int:
+    """``through_plane_axis`` as a spatial axis index ``0 .. spatial_dims - 1`` of ``B C *S``, or fail."""
+    if isinstance(through_plane_axis, bool) or not 0 <= int(through_plane_axis) < spatial_dims:
+        raise ValueError(
+            f"{name}: through_plane_axis must be a spatial axis 0..{spatial_dims - 1}, "
+            f"got {through_plane_axis!r}"
+        )
+    return int(through_plane_axis)
+
+
+def separable_kernels(
+    spatial_dims: int, orientation: str, through_plane_axis: int = 0
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The (1-D, plane) kernel pair of an LACB: 3 along one axis, then 3 along all the others.
 
-    "paper": the 1-D kernel runs along axis 0 (D, through-plane); "code": along the last axis (W).
+    "paper": the 1-D kernel runs along the through-plane axis (``through_plane_axis``, a spatial axis of
+    ``*S``); "code": along the last axis (W), whatever ``through_plane_axis`` says (the released net).
     """
     if orientation not in ORIENTATIONS:
         raise ValueError(f"kernel_orientation {orientation!r} is not one of {ORIENTATIONS}")
-    axis = 0 if orientation == "paper" else spatial_dims - 1
+    through = check_axis(through_plane_axis, spatial_dims, "LCOV-Net")
+    axis = through if orientation == "paper" else spatial_dims - 1
     line = tuple(3 if a == axis else 1 for a in range(spatial_dims))
     plane = tuple(1 if a == axis else 3 for a in range(spatial_dims))
     return line, plane
@@ -74,9 +90,10 @@ class LACB(nn.Module):
         dropout: float = 0.2,
         kernel_orientation: str = "paper",
         exact: bool = False,
+        through_plane_axis: int = 0,
     ) -> None:
         super().__init__()
-        line, plane = separable_kernels(spatial_dims, kernel_orientation)
+        line, plane = separable_kernels(spatial_dims, kernel_orientation, through_plane_axis)
         kw = {"norm": "batch", "act": "relu6", "bias": True}
         groups = out_channels if low_res else 1
         self.pre = ConvNormAct(spatial_dims, in_channels, out_channels, line, **kw)
@@ -136,6 +153,9 @@ class LCOVNet(nn.Module):
         dropout: dropout probability in every block (0.2 as released).
         kernel_orientation: "paper" (through-plane 1-D conv first) or "code" (see module docstring).
         exact: reproduce the released quirks (ReLU6 before the LACB-L sigmoid, element-wise dropout).
+        through_plane_axis: the spatial axis of ``*S`` (0-based) the "paper" 1-D kernel runs along: the
+            coarse (largest-spacing) axis; tasks derive it from the working spacing (seg3d's RAS
+            ``X Y Z`` arrays put an axial series' through-plane axis at 2). Default 0 (``D`` of ``D H W``).
 
     ``forward``: ``B C *S -> B K *S`` logits, ``S`` divisible by 16 and at least 32 (PyTorch's average
     pool needs 4 voxels at 1/8 resolution); list ``[1, 1/2, 1/4, 1/8]`` when
@@ -153,6 +173,7 @@ class LCOVNet(nn.Module):
         dropout: float = 0.2,
         kernel_orientation: str = "paper",
         exact: bool = False,
+        through_plane_axis: int = 0,
     ) -> None:
         super().__init__()
         f = tuple(int(c) for c in features)
@@ -160,7 +181,13 @@ class LCOVNet(nn.Module):
             raise ValueError(f"LCOV-Net takes 5 widths (4 levels + bottleneck), got features={f}")
         self.deep_supervision = deep_supervision
         self.divisor = 16
-        blk = {"dropout": dropout, "kernel_orientation": kernel_orientation, "exact": exact}
+        self.through_plane_axis = check_axis(through_plane_axis, spatial_dims, "LCOV-Net")
+        blk = {
+            "dropout": dropout,
+            "kernel_orientation": kernel_orientation,
+            "exact": exact,
+            "through_plane_axis": self.through_plane_axis,
+        }
         self.pool = max_pool(spatial_dims)  # the released "avg_pool" down-sampler is a max pool
         self.encoders = nn.ModuleList(
             LACB(spatial_dims, c_in, c_out, **blk)

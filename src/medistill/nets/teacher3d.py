@@ -18,9 +18,23 @@ from monai.networks.nets import DynUNet
 from torch import nn
 
 from medistill.nets.blocks import ActSpec, NormSpec, check_divisible
+from medistill.nets.lcovnet import check_axis
 from medistill.registry import NETS
 
 Stride = int | Sequence[int]
+
+
+def place_through_plane(stride: Stride, spatial_dims: int, axis: int) -> Stride:
+    """A per-axis stride written through-plane first, in array axis order (its first entry moved to
+    ``axis``, the in-plane entries kept in order); an int stride is the same on every axis."""
+    if isinstance(stride, int):
+        return stride
+    s = [int(v) for v in stride]
+    if len(s) != spatial_dims:
+        raise ValueError(f"dynunet_teacher: stride {tuple(s)} needs one entry per axis ({spatial_dims})")
+    rest = s[1:]
+    rest.insert(axis, s[0])
+    return tuple(rest)
 
 
 @NETS.register("dynunet_teacher")
@@ -32,8 +46,11 @@ class DynUNetTeacher(nn.Module):
         in_channels: image channels.
         out_channels: classes.
         features: width per level (nnU-Net 3D full-res: 32, 64, 128, 256, 320, 320).
-        strides: down-sampling stride per level (the first is 1); an int or one per axis for anisotropic
-            data, e.g. ``(1, (1, 2, 2), 2, 2, 2, 2)``.
+        strides: down-sampling stride per level (the first is 1); an int or, for anisotropic data, one
+            per axis written **through-plane axis first**, e.g. ``(1, (1, 2, 2), 2, 2, 2, 2)`` keeps the
+            coarse axis at full resolution one level longer (nnU-Net's plans, which put that axis first).
+        through_plane_axis: the spatial axis of ``*S`` (0-based) the first entry of a per-axis stride
+            acts on (the others keep their order); tasks derive it from the working spacing. Default 0.
         deep_supervision: ``forward(x, scales=True)`` returns logits at the ``1 + deep_supr_num`` finest
             scales.
         deep_supr_num: coarse deep-supervision outputs (3 gives scales 1, 1/2, 1/4, 1/8 as in LCOV-Net).
@@ -58,12 +75,15 @@ class DynUNetTeacher(nn.Module):
         act: ActSpec = ("leakyrelu", {"negative_slope": 0.01}),
         dropout: float = 0.0,
         res_block: bool = False,
+        through_plane_axis: int = 0,
     ) -> None:
         super().__init__()
         if len(features) != len(strides):
             raise ValueError(
                 f"features {tuple(features)} and strides {tuple(strides)} need one entry per level"
             )
+        self.through_plane_axis = check_axis(through_plane_axis, spatial_dims, "dynunet_teacher")
+        strides = [place_through_plane(s, spatial_dims, self.through_plane_axis) for s in strides]
         self.deep_supervision = deep_supervision
         self.net = DynUNet(
             spatial_dims,

@@ -139,3 +139,9 @@ class Task(ABC):
     def dynamic_spatial(self, stage: str, model: str) -> bool:
         """Whether the exported network takes any spatial size (fully convolutional nets do)."""
         return True
+
+    def deploy_contract(self, stage: str, model: str) -> dict[str, Any]:
+        """The preprocessing contract of an exported network (``medistill export`` stores it in the ONNX
+        ``metadata_props`` and a JSON beside it), so a deployment need not rebuild it from config.yaml.
+        Tasks add their HU window or normalisation, spacing, orientation, labels and thresholds."""
+        return {"task": self.cfg.task, "experiment": self.cfg.name, "stage": stage, "model": model}

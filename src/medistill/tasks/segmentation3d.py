@@ -18,14 +18,17 @@ resampled back to the input grid; no ``LabelConvert`` (it erased every organ). P
 
 from __future__ import annotations
 
+import inspect
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from monai.inferers import sliding_window_inference
 from pydantic import Field
 from torch.utils.data import Dataset
@@ -33,16 +36,18 @@ from torch.utils.data import Dataset
 from medistill.config import ExperimentConfig, ModelSpec, StrictModel
 from medistill.engine.data import KeyedDataset
 from medistill.errors import MedistillError
+from medistill.io.atomic import atomic_write_text
 from medistill.io.checks import read_ct
 from medistill.io.images import Image, read_image, write_image
 from medistill.metrics.segmentation import dice, score_structures, summary_markdown
 from medistill.metrics.segmentation import summarise as summarise_scores
-from medistill.registry import TASKS
+from medistill.registry import NETS, TASKS
 from medistill.tasks.base import Task, require_divisible
 from medistill.tasks.cohort import CohortSpec, make_cohort, read_splits
 from medistill.tasks.steps import supervised_step
 
 RAS_ORNT = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+NORM_FILE = "normalisation.json"  # in RUN/<stage>/
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -64,7 +69,15 @@ class Seg3DData(StrictModel):
         (0.6, 0.2, 0.2), description="train/val/test fractions when the dataset has no splits.json"
     )
     spacing_mm: tuple[float, float, float] = Field((3.0, 3.0, 3.0), description="working spacing (RAS)")
-    hu_window: tuple[float, float] = Field((-160.0, 240.0), description="HU clip before the z-score")
+    normalisation: Literal["ct_fixed", "volume_zscore"] = Field(
+        "ct_fixed",
+        description="ct_fixed: clip to the 0.5/99.5 percentiles of the training set's foreground voxels, "
+        "z-score with their mean/SD (nnU-Net; stored with the model); volume_zscore: clip to hu_window, "
+        "z-score with the input volume's own mean/SD (depends on the field of view; earlier models)",
+    )
+    hu_window: tuple[float, float] = Field(
+        (-160.0, 240.0), description="HU clip of volume_zscore; the display window of the figures"
+    )
     patch: tuple[int, int, int] = Field((64, 64, 48), description="training patch / sliding window")
     fg_fraction: float = Field(0.33, ge=0, le=1, description="patches centred on a foreground voxel")
     flip_lr: float = Field(0.5, ge=0, le=1, description="left-right flip probability (swaps L/R labels)")
@@ -85,23 +98,129 @@ class Seg3DConfig(ExperimentConfig):
     data: Seg3DData = Seg3DData()
 
 
+# ------------------------------------------------------------------------------------- normalisation
+
+#: the schemes of ``data.normalisation`` (see :class:`Normalisation`)
+SCHEMES = ("ct_fixed", "volume_zscore")
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """How HU become network input; stored with every trained stage (``RUN/<stage>/normalisation.json``,
+    the stage's ``last.pt``) and in the exported ONNX model's metadata.
+
+    * ``ct_fixed`` (nnU-Net's CT scheme, Isensee et al. 2021): clip to ``clip_hu`` (the 0.5 / 99.5
+      percentiles of the training subjects' foreground voxels), then ``(HU - mean_hu) / std_hu`` with the
+      mean and SD of those voxels (before the clip, as nnU-Net). Fixed numbers: a scan's own field of view
+      (air, table, chest) cannot change them.
+    * ``volume_zscore`` (the earlier scheme, kept to evaluate models trained with it): clip to
+      ``clip_hu`` (``data.hu_window``), then the mean and SD of the clipped *input volume*: they change
+      with the field of view.
+    """
+
+    scheme: str
+    clip_hu: tuple[float, float]
+    mean_hu: float | None = None
+    std_hu: float | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise MedistillError(f"normalisation scheme {self.scheme!r} is not one of {SCHEMES}")
+        if self.scheme == "ct_fixed" and not (self.std_hu is not None and self.std_hu > 0):
+            raise MedistillError(f"ct_fixed normalisation needs mean_hu and std_hu > 0, got {self.std_hu}")
+
+    def apply(self, hu: np.ndarray) -> tuple[np.ndarray, float]:
+        """``X Y Z`` HU -> (network input float32, the input value of air for padding)."""
+        lo, hi = self.clip_hu
+        x = np.clip(hu, lo, hi)
+        if self.scheme == "volume_zscore":
+            mean, std = float(x.mean()), float(x.std()) + 1e-6  # the volume's own statistics
+        else:
+            mean, std = float(self.mean_hu), float(self.std_hu)  # type: ignore[arg-type]
+        return ((x - mean) / std).astype(np.float32), (lo - mean) / std
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scheme": self.scheme,
+            "clip_hu": [float(v) for v in self.clip_hu],
+            "mean_hu": self.mean_hu,
+            "std_hu": self.std_hu,
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str) -> Normalisation:
+        try:
+            return cls(
+                str(d["scheme"]),
+                (float(d["clip_hu"][0]), float(d["clip_hu"][1])),
+                None if d.get("mean_hu") is None else float(d["mean_hu"]),
+                None if d.get("std_hu") is None else float(d["std_hu"]),
+                str(d.get("source", "")),
+            )
+        except (KeyError, TypeError, IndexError, ValueError) as exc:
+            raise MedistillError(f"{where}: not a normalisation record ({exc!r})") from None
+
+
+def fit_ct_normalisation(hus: list[np.ndarray], labels: list[np.ndarray], ids: list[str]) -> Normalisation:
+    """nnU-Net's CT statistics of the foreground (label > 0) voxels of the training subjects, on the
+    working grid: 0.5 / 99.5 percentiles (the clip), mean and SD (HU)."""
+    fg = np.concatenate([h[lab > 0].astype(np.float64) for h, lab in zip(hus, labels, strict=True)])
+    if fg.size < 2:
+        raise MedistillError(f"training subjects {ids[:5]} hold no foreground voxels to normalise by")
+    lo, hi = np.percentile(fg, [0.5, 99.5])
+    return Normalisation(
+        "ct_fixed",
+        (float(lo), float(hi)),
+        float(fg.mean()),
+        max(float(fg.std()), 1e-6),
+        f"foreground voxels (label > 0) of {len(ids)} training subjects ({fg.size} on the working grid)",
+    )
+
+
+class NormalisationState:
+    """The normalisation as checkpointed training state: a resumed stage must see the same numbers."""
+
+    def __init__(self, norm: Normalisation) -> None:
+        self.norm = norm
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.norm.to_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = Normalisation.from_dict(state, "checkpoint state 'normalisation'")
+        if saved.to_dict() | {"source": ""} != self.norm.to_dict() | {"source": ""}:
+            raise MedistillError(
+                f"the checkpoint was trained with normalisation {saved.to_dict()}, the data now gives "
+                f"{self.norm.to_dict()}; train in a new run folder"
+            )
+
+
 # -------------------------------------------------------------------------------------- preprocessing
 
 
 @dataclass
-class Volume:
-    """A volume on the working grid (RAS, ``spacing_mm``) and how to get back to its file's grid.
+class Grid:
+    """A CT on the working grid (RAS, ``spacing_mm``) and how to get back to its file's grid.
 
-    ``image``: ``X Y Z`` z-scored float32; ``hu``: clipped HU (figures); ``ornt``: nibabel orientation
-    transform file -> RAS; ``ras_shape``: file shape after reorientation; ``affine``: working affine.
+    ``hu``: ``X Y Z`` HU float32; ``ornt``: nibabel orientation transform file -> RAS; ``ras_shape``: file
+    shape after reorientation; ``affine``: working affine.
     """
 
-    image: np.ndarray
     hu: np.ndarray
     ornt: np.ndarray
     ras_shape: tuple[int, int, int]
     affine: np.ndarray
-    pad_value: float
+
+
+@dataclass
+class Volume(Grid):
+    """A :class:`Grid` with its network input ``image`` (``X Y Z`` float32, normalised) and the input
+    value of air ``pad_value`` (the sliding window pads with it)."""
+
+    image: np.ndarray = None  # type: ignore[assignment]
+    pad_value: float = 0.0
 
 
 def resample(array: np.ndarray, shape: tuple[int, ...], label: bool) -> np.ndarray:
@@ -126,25 +245,35 @@ def working_shape(shape: tuple[int, ...], spacing: tuple[float, ...], target: tu
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target, strict=True))
 
 
-def preprocess(image: Image, spacing_mm: tuple[float, ...], hu_window: tuple[float, float]) -> Volume:
-    """Orient to RAS, resample to ``spacing_mm``, clip to ``hu_window``, z-score over the whole volume."""
+def working_grid(image: Image, spacing_mm: tuple[float, ...]) -> Grid:
+    """Orient to RAS (axis permutation/flips only) and resample to ``spacing_mm`` over the same field of
+    view (trilinear); HU unchanged otherwise."""
     if image.ndim != 3:
         raise MedistillError(f"expected a 3D CT volume, got shape {image.shape}")
     ras, affine, ornt = to_ras(image)
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
     shape = working_shape(ras.shape, spacing, spacing_mm)
-    hu = np.clip(resample(ras.astype(np.float32), shape, label=False), *hu_window)
-    mean, std = float(hu.mean()), float(hu.std()) + 1e-6  # whole volume, before any crop (spec C.9.8)
+    hu = resample(ras.astype(np.float32), shape, label=False)
     scale = np.diag([*(np.asarray(ras.shape) / np.asarray(shape)), 1.0])
     scale[:3, 3] = (np.asarray(ras.shape) / np.asarray(shape) - 1) / 2  # same field of view
-    return Volume(
-        ((hu - mean) / std).astype(np.float32),
-        hu,
-        ornt,
-        tuple(int(s) for s in ras.shape),  # type: ignore[arg-type]
-        affine @ scale,
-        (hu_window[0] - mean) / std,
-    )
+    return Grid(hu, ornt, tuple(int(s) for s in ras.shape), affine @ scale)  # type: ignore[arg-type]
+
+
+def normalised(grid: Grid, norm: Normalisation) -> Volume:
+    """``grid`` with its network input under ``norm``."""
+    image, pad = norm.apply(grid.hu)
+    return Volume(grid.hu, grid.ornt, grid.ras_shape, grid.affine, image, pad)
+
+
+def preprocess(image: Image, spacing_mm: tuple[float, ...], norm: Normalisation) -> Volume:
+    """A CT file's image on the working grid, normalised by ``norm``."""
+    return normalised(working_grid(image, spacing_mm), norm)
+
+
+def through_plane_axis(spacing_mm: tuple[float, ...]) -> int:
+    """The working grid's through-plane axis: the axis of the largest spacing (nnU-Net's choice). Of
+    equal spacings the first wins, so isotropic grids give axis 0 (RAS x), the nets' earlier default."""
+    return int(np.argmax(np.asarray(spacing_mm, dtype=float)))
 
 
 def label_to_working(label: Image, shape: tuple[int, ...], lut: np.ndarray) -> np.ndarray:
@@ -308,15 +437,73 @@ class Seg3DTask(Task):
     def case_file(self, case_id: str):
         return next(c for c in self.dataset()[0].cases if c.id == case_id)
 
-    def load_case(self, case_id: str) -> tuple[Volume, np.ndarray]:
-        """A case on the working grid: its volume and class-index labels (cached)."""
-        key = f"case:{case_id}"
+    def load_grid(self, case_id: str) -> tuple[Grid, np.ndarray]:
+        """A case on the working grid: its HU and class-index labels (cached)."""
+        key = f"grid:{case_id}"
         if key not in self._cache:
             case = self.case_file(case_id)
-            vol = preprocess(read_image(case.images[0]), self.cfg.data.spacing_mm, self.cfg.data.hu_window)
-            lab = label_to_working(read_image(case.label), vol.image.shape, self._lut())
-            self._cache[key] = (vol, lab)
+            grid = working_grid(read_image(case.images[0]), self.cfg.data.spacing_mm)
+            lab = label_to_working(read_image(case.label), grid.hu.shape, self._lut())
+            self._cache[key] = (grid, lab)
         return self._cache[key]
+
+    def load_case(self, case_id: str, norm: Normalisation | None = None) -> tuple[Volume, np.ndarray]:
+        """A case on the working grid, normalised by ``norm`` (default: this config's, see
+        :meth:`normalisation`), and its class-index labels."""
+        grid, lab = self.load_grid(case_id)
+        return normalised(grid, norm or self.normalisation()), lab
+
+    # --- normalisation -----------------------------------------------------------------------------
+    def normalisation(self) -> Normalisation:
+        """The normalisation this config trains with: ``ct_fixed`` statistics from the training subjects
+        (computed once), or the ``volume_zscore`` of ``data.hu_window``."""
+        if "norm" not in self._cache:
+            d = self.cfg.data
+            if d.normalisation == "volume_zscore":
+                norm = Normalisation("volume_zscore", tuple(d.hu_window), source="data.hu_window")
+            else:
+                ids = self.dataset()[1]["train"]
+                grids = [self.load_grid(cid) for cid in ids]
+                norm = fit_ct_normalisation([g.hu for g, _ in grids], [lab for _, lab in grids], ids)
+            self._cache["norm"] = norm
+        return self._cache["norm"]
+
+    def setup_stage(self, ctx: Any) -> None:
+        """Store the normalisation with the stage: ``RUN/<stage>/normalisation.json`` and ``last.pt``."""
+        norm = self.normalisation()
+        ctx.add_state("normalisation", NormalisationState(norm))
+        if ctx.dist.is_main:
+            atomic_write_text(
+                self.run_dir / ctx.stage / NORM_FILE, json.dumps(norm.to_dict(), indent=2) + "\n"
+            )
+
+    def stage_normalisation(self, stage: str) -> Normalisation:
+        """The normalisation a trained ``stage`` was trained with (its record, never the input's FOV).
+
+        A stage trained before the record existed has none; its checkpoint's config then has no
+        ``data.normalisation`` either, and the only scheme there was is taken: ``volume_zscore``.
+        """
+        key = f"norm:{stage}"
+        if key in self._cache:
+            return self._cache[key]
+        path = self.run_dir / stage / NORM_FILE
+        if path.is_file():
+            norm = Normalisation.from_dict(json.loads(path.read_text()), str(path))
+        else:
+            from medistill.engine.checkpoint import load_checkpoint
+
+            ckpt = self.runner.ckpt(stage)
+            data = (yaml.safe_load(load_checkpoint(ckpt).get("config") or "{}") or {}).get("data", {})
+            if "normalisation" in data:
+                raise MedistillError(
+                    f"{path} is missing: the normalisation {ckpt} was trained with is unknown"
+                )
+            window = data.get("hu_window", self.cfg.data.hu_window)
+            norm = Normalisation(
+                "volume_zscore", (float(window[0]), float(window[1])), source=f"{ckpt} (legacy)"
+            )
+        self._cache[key] = norm
+        return norm
 
     def _check_patch(self, case_id: str, shape: tuple[int, ...]) -> None:
         patch = self.cfg.data.patch
@@ -330,7 +517,7 @@ class Seg3DTask(Task):
         _, split = self.dataset()
         vols, labs = [], []
         for cid in split["train"] + split["val"]:
-            vol, lab = self.load_case(cid)
+            vol, lab = self.load_case(cid)  # ct_fixed: statistics of the training subjects, computed once
             self._check_patch(cid, vol.image.shape)
             if cid in split["train"]:
                 vols.append(vol.image)
@@ -348,9 +535,14 @@ class Seg3DTask(Task):
         return len(self.values)
 
     def net_args(self, key: str, spec: ModelSpec, probe: bool = False) -> dict[str, Any]:
-        """3D, one CT channel, one output per class (2 when only probing the configuration)."""
+        """3D, one CT channel, one output per class (2 when only probing the configuration); nets with a
+        through-plane direction (LCOV-Net's 1-D kernel, the teacher's anisotropic strides) get the
+        working grid's :func:`through_plane_axis`, since the arrays are RAS ``X Y Z``, not ``D H W``."""
         classes = 2 if probe else self.n_classes
-        return {"spatial_dims": 3, "in_channels": 1, "out_channels": classes, "deep_supervision": True}
+        args = {"spatial_dims": 3, "in_channels": 1, "out_channels": classes, "deep_supervision": True}
+        if "through_plane_axis" in inspect.signature(NETS.get(spec.name)).parameters:
+            args["through_plane_axis"] = through_plane_axis(self.cfg.data.spacing_mm)
+        return args
 
     def build_model(self, key: str, spec: ModelSpec, probe: bool = False) -> torch.nn.Module:
         net = super().build_model(key, spec, probe)
@@ -386,7 +578,7 @@ class Seg3DTask(Task):
     # --- after training ----------------------------------------------------------------------------
     def deploy_inputs(self, stage: str, model: str) -> dict[str, torch.Tensor]:
         """A patch of a real validation volume (centred on its organs), at the training patch size."""
-        vol, lab = self.load_case(self.dataset()[1]["val"][0])
+        vol, lab = self.load_case(self.dataset()[1]["val"][0], self.stage_normalisation(stage))
         centre = np.argwhere(lab > 0).mean(0).astype(int) if (lab > 0).any() else np.array(lab.shape) // 2
         x = torch.from_numpy(vol.image)[None, None]
         starts = [
@@ -403,7 +595,7 @@ class Seg3DTask(Task):
 
     def whole_input(self, stage: str, model: str) -> tuple[str, dict[str, torch.Tensor]]:
         cid = self.dataset()[1]["test"][0]
-        vol, _ = self.load_case(cid)
+        vol, _ = self.load_case(cid, self.stage_normalisation(stage))
         shape = "x".join(str(n) for n in vol.image.shape)
         return f"test subject {cid}, {shape} voxels at {self.cfg.data.spacing_mm} mm, sliding window", {
             "image": torch.from_numpy(vol.image)[None, None]
@@ -415,9 +607,10 @@ class Seg3DTask(Task):
         d = self.cfg.data
         return sliding_window(single(predict, "image"), inputs["image"], d.patch, d.sw_overlap, d.sw_batch)
 
-    def predict_volume(self, net: torch.nn.Module, image: Image) -> np.ndarray:
-        """Label values on ``image``'s own grid: working-grid probabilities resampled back per class."""
-        vol = preprocess(image, self.cfg.data.spacing_mm, self.cfg.data.hu_window)
+    def predict_volume(self, net: torch.nn.Module, image: Image, norm: Normalisation) -> np.ndarray:
+        """Label values on ``image``'s own grid: working-grid probabilities (sliding window over any
+        extent, input normalised by the model's ``norm``) resampled back per class."""
+        vol = preprocess(image, self.cfg.data.spacing_mm, norm)
         prob = self.infer(net, vol)
         best = torch.full(vol.ras_shape, -1.0)
         arg = torch.zeros(vol.ras_shape, dtype=torch.int64)
@@ -433,13 +626,36 @@ class Seg3DTask(Task):
         return nib.orientations.apply_orientation(values, to_file)
 
     def predict_file(self, src: Path, dst: Path) -> Path:
-        """Segment a CT with the last deployable network (the distilled student); writes label values in
-        the input's geometry."""
+        """Segment a CT with the last deployable network (the distilled student), normalised as it was
+        trained; writes label values in the input's geometry."""
         img = read_ct(src, override=None)
-        labels = self.predict_volume(self.predict_model(), img)
+        stage, model = self.runner.deployables()[-1]
+        labels = self.predict_volume(self.stage_model(stage, model), img, self.stage_normalisation(stage))
         dtype = np.uint8 if max(self.values) < 256 else np.int16
         write_image(img.with_array(labels.astype(dtype)), dst, dtype=dtype)
         return dst
+
+    def deploy_contract(self, stage: str, model: str) -> dict[str, Any]:
+        """What a deployment must do around the network: orientation, spacing, normalisation (with its
+        statistics), sliding window, and how logits become label values."""
+        d = self.cfg.data
+        labels = {
+            str(k): {"name": self.dataset()[0].label_names[v], "value": v} for k, v in enumerate(self.values)
+        }
+        return super().deploy_contract(stage, model) | {
+            "input": "one CT channel, array axes RAS X Y Z (nibabel's as_closest_canonical), HU",
+            "spacing_mm": list(d.spacing_mm),
+            "through_plane_axis": through_plane_axis(d.spacing_mm),
+            "normalisation": self.stage_normalisation(stage).to_dict(),
+            "sliding_window": {
+                "roi": list(d.patch),
+                "overlap": d.sw_overlap,
+                "mode": "gaussian",
+                "pad": "normalised air (the lower clip)",
+            },
+            "output": "logits B K X Y Z; softmax over K; argmax = class index (labels: its name, value)",
+            "labels": labels,
+        }
 
     def evaluate(self, out_dir: Path) -> dict[str, Any]:
         """Per-organ Dice and HD95 (mm) of every trained stage's network on the test subjects."""
@@ -456,7 +672,7 @@ class Seg3DTask(Task):
             img, lab = read_image(case.images[0]), read_image(case.label)
             truth = np.rint(np.asarray(lab.array)).astype(np.int64)
             for name, net in models.items():
-                pred = self.predict_volume(net, img)
+                pred = self.predict_volume(net, img, self.stage_normalisation(name))
                 per_case[name][cid] = organ_scores(pred, truth, organs, self.values, img.spacing)
         summaries = {m: summarise(cases, organs) for m, cases in per_case.items()}
         per_organ = {m: sm["structures"] for m, sm in summaries.items()}
@@ -484,7 +700,8 @@ class Seg3DTask(Task):
             + (" (synthetic cohort from chest-ct)" if self.cfg.data.dataset is None else "")
             + "; dice_mean / hd95_mean_mm: mean over organs per subject, then mean and SD over subjects; "
             "a missed or hallucinated organ scores Dice 0 and HD95 = the image diagonal (counted in misses / "
-            "false_positives), empty vs empty is excluded (counted)"
+            "false_positives), empty vs empty is excluded (counted); input normalisation: "
+            + ", ".join(f"{m} {self.stage_normalisation(m).scheme}" for m in models)
         )
         return {
             "cases": cases,
@@ -511,8 +728,13 @@ class Seg3DTask(Task):
 
         from medistill.report.figures import save_figure
 
-        vol, lab = self.load_case(case_id)
-        preds = {name: self.infer(net, vol).argmax(0).numpy() for name, net in models.items()}
+        grid, lab = self.load_grid(case_id)
+        preds = {
+            name: self.infer(net, self.load_case(case_id, self.stage_normalisation(name))[0])
+            .argmax(0)
+            .numpy()
+            for name, net in models.items()
+        }
         fg = lab > 0
         z = int(np.argmax(fg.sum((0, 1))))
         y = int(np.argmax(fg.sum((0, 2))))
@@ -529,7 +751,12 @@ class Seg3DTask(Task):
         for r, (title, view) in enumerate(views.items()):
             for c, (name, labels) in enumerate(columns.items()):
                 ax = axes[r, c]
-                ax.imshow(view(vol.hu), cmap="gray")
+                ax.imshow(
+                    view(grid.hu),
+                    cmap="gray",
+                    vmin=self.cfg.data.hu_window[0],
+                    vmax=self.cfg.data.hu_window[1],
+                )
                 if labels is not None:
                     ax.imshow(
                         view(labels),
