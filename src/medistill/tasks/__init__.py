@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-from medistill.tasks import lung2d, segmentation3d, xray  # noqa: F401
+from medistill.tasks import lung2d, mar, registration, segmentation3d, synthesis, xray  # noqa: F401
