@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+from medistill.distill.aldk import ALDK
 from medistill.distill.cakd import CAKD, class_affinity
 from medistill.distill.kd import DistillLoss, FeatureKD, LogitKD, kd_divergence
 from medistill.distill.mskd import MSKD
 from medistill.distill.teacher import FeatureHooks, FrozenTeacher
 
 __all__ = [
+    "ALDK",
     "CAKD",
     "MSKD",
     "DistillLoss",

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from medistill.losses.adversarial import GANLoss, gradient_penalty
 from medistill.losses.image import L1, MSE
+from medistill.losses.regularization import AffineRegulariser, BendingEnergy, GradientSmoothness
 from medistill.losses.segmentation import DeepSupervisionLoss, DiceBCE, DiceCE, build_loss, downsample_target
+from medistill.losses.similarity import LocalNCCLoss, PearsonLoss
 
 __all__ = [
+    "AffineRegulariser",
+    "BendingEnergy",
+    "GradientSmoothness",
+    "LocalNCCLoss",
+    "PearsonLoss",
     "L1",
     "MSE",
     "DeepSupervisionLoss",
