@@ -7,6 +7,7 @@ from medistill.losses.image import L1, MSE
 from medistill.losses.regularization import AffineRegulariser, BendingEnergy, GradientSmoothness
 from medistill.losses.segmentation import DeepSupervisionLoss, DiceBCE, DiceCE, build_loss, downsample_target
 from medistill.losses.similarity import LocalNCCLoss, PearsonLoss
+from medistill.losses.synthesis import CorrelationLoss, MaskConsistency
 
 __all__ = [
     "AffineRegulariser",
@@ -19,7 +20,9 @@ __all__ = [
     "DeepSupervisionLoss",
     "DiceBCE",
     "DiceCE",
+    "CorrelationLoss",
     "GANLoss",
+    "MaskConsistency",
     "build_loss",
     "downsample_target",
     "gradient_penalty",
