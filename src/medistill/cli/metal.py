@@ -14,6 +14,11 @@ view, as a DICOM axial slice is stored), so every storage order of one CT gives 
 (identity direction) is used as displayed. ``--mask-file`` masks are taken in that slice orientation.
 Slices are resampled (area averaging) to the preset's image size, and the preset scanner is scaled to
 the resulting pixel size (the InDuDoNet convention of a fixed geometry in pixel units).
+
+Sharding: ``--shard K/N`` simulates only every N-th of the chosen slices starting at the K-th, so the N
+parts of an array job (any scheduler) write exactly the shards one machine writes (randomness is seeded
+per slice); each part writes ``index.part-K-of-N.csv`` and the last one to finish merges them into
+``index.csv``, identical to a single run's.
 """
 
 from __future__ import annotations
@@ -180,6 +185,9 @@ def simulate_metal_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives the same output."),
     baselines: bool = typer.Option(False, "--baselines", help="Also write LI and NMAR reconstructions."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
+    shard: str | None = typer.Option(
+        None, "--shard", help="K/N: only the K-th (1..N) of N interleaved parts of the slices (array jobs)."
+    ),
     assume_ct: bool = typer.Option(
         False, "--assume-ct", help="Take the input as CT in HU even if its tags or values say otherwise."
     ),
@@ -191,6 +199,7 @@ def simulate_metal_cmd(
     base = ct.geometry_preset(geometry_name)
     scan = metal.MetalScan(metal=metal_name, photons=photons, kvp=kvp, scatter_photons=scatter)
     kramers_spectrum(scan.kvp, scan.filtration_mm_al)  # validates kVp before any work
+    part, parts = _parse_shard(shard)
     volume, pixel_mm = _load_slices(ct_path, assume_ct)
     chosen = _parse_slices(slices, volume.shape[0])
     geometry = base.with_pixel_mm(pixel_mm * volume.shape[-1] / base.image_size)
@@ -213,15 +222,17 @@ def simulate_metal_cmd(
         }:
             raise MedistillError(f"{out} holds a simulation with other settings; use a new --out folder")
     atomic_write_text(settings_path, json.dumps(settings, indent=2))
-    hu_all = _resample(volume[chosen.start : chosen.stop : chosen.step], geometry.image_size)
+    mine = [z for i, z in enumerate(chosen) if i % parts == part - 1]  # this part's slices
+    # per slice: a subset resamples identically
+    hu_all = _resample(volume[mine], geometry.image_size) if mine else None
     rows: list[dict[str, object]] = []
-    for i, slice_index in enumerate(track(chosen, description="metal slices")):
+    for i, slice_index in enumerate(track(mine, description="metal slices")):
         shard = out / f"slice_{slice_index:05d}.npz"
         if shard.exists():  # written atomically: complete
             with np.load(shard) as done:
                 arrays = {k: done[k] for k in done.files}
         else:
-            hu = hu_all[i].to(device)
+            hu = hu_all[i].to(device)  # type: ignore[index]
             if fixed_mask is not None:
                 masks = fixed_mask.to(device).expand(masks_per_slice, -1, -1)
             else:
@@ -234,12 +245,41 @@ def simulate_metal_cmd(
             with atomic_path(shard) as tmp, open(tmp, "wb") as f:
                 np.savez_compressed(f, **arrays)
         rows.extend(_index_rows(shard, slice_index, arrays))
+    if parts == 1:
+        _write_index(out / INDEX, rows)
+    else:  # each part writes its rows; the last part to finish merges them in slice order
+        _write_index(out / f"index.part-{part}-of-{parts}.csv", rows)
+        part_files = [out / f"index.part-{k}-of-{parts}.csv" for k in range(1, parts + 1)]
+        if all(p.is_file() for p in part_files):
+            merged: list[dict[str, object]] = []
+            for p in part_files:
+                with open(p) as f:
+                    merged.extend(csv.DictReader(f))
+            position = {z: i for i, z in enumerate(chosen)}
+            merged.sort(key=lambda r: (position[int(str(r["slice"]))], int(str(r["mask"]))))
+            _write_index(out / INDEX, merged)
+    typer.echo(f"{len(rows)} samples from {len(mine)} slices (part {part}/{parts}) in {out}")
+
+
+def _parse_shard(text: str | None) -> tuple[int, int]:
+    """``K/N`` -> ``(K, N)`` with 1 <= K <= N; ``None`` -> ``(1, 1)``."""
+    if text is None:
+        return 1, 1
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise MedistillError(f"--shard: expected K/N (e.g. 2/8), got {text!r}") from None
+    if not 1 <= k <= n:
+        raise MedistillError(f"--shard {text}: need 1 <= K <= N")
+    return k, n
+
+
+def _write_index(path: Path, rows: list[dict[str, object]]) -> None:
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=INDEX_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(out / INDEX, text.getvalue())
-    typer.echo(f"{len(rows)} samples from {len(chosen)} slices in {out}")
+    atomic_write_text(path, text.getvalue())
 
 
 @report_app.command("metal")
