@@ -90,22 +90,38 @@ def evaluate(run: Path = typer.Argument(..., help="run folder")) -> None:
 @app.command()
 def predict(
     run: Path = typer.Argument(..., help="run folder"),
-    input: Path = typer.Argument(..., help="image to process (NIfTI, MHA, NRRD, DICOM)"),
-    out: Path = typer.Option(..., "--out", help="output file (e.g. pred.nii.gz)"),
+    input: Path | None = typer.Argument(None, help="image to process (NIfTI, MHA, NRRD, DICOM)"),
+    out: Path = typer.Option(..., "--out", help="output file (e.g. pred.nii.gz), or folder for a pair"),
+    fixed: Path | None = typer.Option(None, "--fixed", help="registration: the fixed image (output grid)"),
+    moving: Path | None = typer.Option(None, "--moving", help="registration: the moving image"),
+    moving_labels: Path | None = typer.Option(None, "--moving-labels", help="registration: labels to warp"),
 ) -> None:
-    """Run the trained model on INPUT and write the result in the input's geometry."""
-    if not input.exists():
-        raise MedistillError(f"input not found: {input}")
+    """Run the trained model on INPUT (or register --moving to --fixed) and write the result in the input's
+    (the fixed image's) geometry."""
+    pair = fixed is not None or moving is not None
+    if pair and (fixed is None or moving is None or input is not None):
+        raise MedistillError("registration needs both --fixed and --moving (and no INPUT)")
+    inputs = [p for p in (fixed, moving, moving_labels) if p is not None] if pair else [input]
+    if inputs == [None]:
+        raise MedistillError("give INPUT, or --fixed and --moving for a registration run")
+    for path in inputs:
+        if not path.exists():
+            raise MedistillError(f"input not found: {path}")
     from medistill.io.checks import IMAGE_SUFFIXES, check_output_folder, check_output_path
     from medistill.runs import open_run
 
     task = open_run(run)  # the run's config only: the output is checked before any weights are loaded
     writes = getattr(task, "predict_writes", IMAGE_SUFFIXES)  # file endings, or "folder"
     if writes == "folder":
-        check_output_folder(out, inputs=[input])
+        check_output_folder(out, inputs=inputs)
     else:
-        check_output_path(out, writes, inputs=[input])
-    task.predict_file(input, out)
+        check_output_path(out, writes, inputs=inputs)
+    if pair:
+        if not hasattr(task, "predict_pair"):
+            raise MedistillError(f"task {task.cfg.task!r} does not register pairs; give one INPUT")
+        task.predict_pair(fixed, moving, out, moving_labels)
+    else:
+        task.predict_file(input, out)
     typer.echo(str(out))
 
 
@@ -164,8 +180,9 @@ def export(
     tolerance: float = typer.Option(1e-3, help="max allowed |onnx - torch| on a real input of the run"),
 ) -> None:
     """Export the run's deployable networks to RUN/export/<stage>.<model>.onnx with a parity check on
-    real inputs from the run's data (named inputs, dynamic spatial axes where the network allows)."""
-    from medistill.deploy.export import export_with_parity
+    real inputs from the run's data (named inputs, dynamic spatial axes where the network allows); the
+    preprocessing contract goes into each model's metadata and RUN/export/<stage>.<model>.json."""
+    from medistill.deploy.export import contract_metadata, export_with_parity
     from medistill.runs import open_run, write_json
 
     task = open_run(run)
@@ -174,11 +191,24 @@ def export(
         net = task.stage_model(stage, model)
         inputs = task.deploy_inputs(stage, model)
         path = run / "export" / f"{stage}.{model}.onnx"
+        dynamic = task.dynamic_spatial(stage, model)
+        contract = task.deploy_contract(stage, model) | {
+            "inputs": list(inputs),
+            "dynamic_spatial": dynamic,
+            "trained_size": {k: list(v.shape[2:]) for k, v in inputs.items()},
+        }
         diff = export_with_parity(
-            net, inputs, path, tolerance=tolerance, dynamic_spatial=task.dynamic_spatial(stage, model)
+            net,
+            inputs,
+            path,
+            tolerance=tolerance,
+            dynamic_spatial=dynamic,
+            metadata=contract_metadata(contract),
         )
+        write_json(path.with_suffix(".json"), contract)
         report[f"{stage}.{model}"] = {
             "onnx": str(path),
+            "contract": str(path.with_suffix(".json")),
             "max_abs_diff": diff,
             "inputs": {k: list(v.shape) for k, v in inputs.items()},
         }
