@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from medistill.cli import main
-from medistill.tasks.lung2d import air_in_body_baseline, axial_axis, slab_split
+from medistill.io.axial import axial_axis
+from medistill.tasks.lung2d import air_in_body_baseline, slab_split
 
 
 def test_slab_split_is_disjoint_with_gaps() -> None:

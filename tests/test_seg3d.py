@@ -136,6 +136,11 @@ def test_three_stages_learn_evaluate_predict_and_export(tmp_path: Path, cohort: 
     assert all(
         p["max_abs_diff"] < 1e-3 and p["inputs"] == {"image": [1, 1, 32, 32, 32]} for p in parity.values()
     )
+    from medistill.deploy.export import read_contract
+
+    contract = read_contract(run / "export" / "student_kd.net.onnx")
+    assert contract == json.loads((run / "export" / "student_kd.net.json").read_text())
+    assert contract["normalisation"] == json.loads((run / "student_kd" / "normalisation.json").read_text())
 
     main(["bench", str(run), "--repeats", "5"])
     profile = json.loads((run / "bench" / "profile.json").read_text())
@@ -218,3 +223,37 @@ def test_volume_zscore_normalises_the_whole_volume_in_ras(tmp_path: Path) -> Non
     assert abs(float(vol.image.mean())) < 1e-3 and abs(float(vol.image.std()) - 1) < 1e-3
     assert np.all(np.diag(vol.affine)[:3] > 0)  # RAS: the LAS input's x axis was flipped
     assert torch.is_tensor(torch.from_numpy(vol.image))
+
+
+def test_onnx_takes_other_sizes_and_carries_the_contract(tmp_path: Path, cohort: Path) -> None:
+    """The exported student runs at a size it was not traced at (dynamic spatial axes) and matches
+    PyTorch there; its metadata holds the preprocessing contract (normalisation statistics, spacing,
+    labels) that the task gives."""
+    from medistill.deploy.export import contract_metadata, export_onnx, onnx_session, read_contract
+    from medistill.nets.lcovnet import LCOVNet
+
+    task = task_for(tmp_path, cohort / "dataset.json")
+    stage_dir = tmp_path / "run" / "student_kd"
+    stage_dir.mkdir(parents=True)
+    (stage_dir / "normalisation.json").write_text(json.dumps(task.normalisation().to_dict()))
+    contract = task.deploy_contract("student_kd", "net")
+    torch.manual_seed(0)
+    net = LCOVNet(3, 1, task.n_classes, features=(4, 8, 8, 8, 8), dropout=0.0).eval()
+    path = export_onnx(
+        net,
+        {"image": torch.randn(1, 1, 32, 32, 32)},
+        tmp_path / "s.onnx",
+        dynamic_spatial=True,
+        metadata=contract_metadata(contract),
+    )
+    other = torch.randn(1, 1, 48, 32, 64)
+    with torch.no_grad():
+        ref = net(other).numpy()
+    out = onnx_session(path).run(None, {"image": other.numpy()})[0]
+    assert out.shape == ref.shape == (1, task.n_classes, 48, 32, 64)
+    assert float(np.max(np.abs(out - ref))) < 1e-4
+    back = read_contract(path)
+    assert back == json.loads(json.dumps(contract))
+    norm = back["normalisation"]
+    assert norm["scheme"] == "ct_fixed" and norm["clip_hu"][0] < norm["mean_hu"] < norm["clip_hu"][1]
+    assert back["spacing_mm"] == [3.5, 3.5, 3.5] and back["labels"]["1"] == {"name": "liver", "value": 1}

@@ -2,12 +2,17 @@
 
 Every exported model is run once by onnxruntime on the example input and compared with the eval-mode
 PyTorch output; the maximum absolute difference is returned (and recorded by ``medistill export``).
+The task's preprocessing contract (HU window or normalisation statistics, spacing, orientation, labels,
+thresholds) travels in the model's ``metadata_props`` (:func:`contract_metadata`, :func:`read_contract`)
+and in a JSON file beside it, so a deployment needs no config.yaml.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,6 +76,23 @@ def export_onnx(
                 proto.metadata_props.add(key=key, value=str(value))
             onnx.save(proto, str(tmp))
     return Path(path)
+
+
+def contract_metadata(contract: dict[str, Any]) -> dict[str, str]:
+    """A preprocessing contract as ONNX ``metadata_props`` (string values): each top-level entry as JSON,
+    plus the whole contract under ``medistill_contract``, so any ONNX runtime can read it back."""
+    meta = {str(k): json.dumps(v, sort_keys=True) for k, v in contract.items()}
+    return meta | {"medistill_contract": json.dumps(contract, sort_keys=True)}
+
+
+def read_contract(path: str | Path) -> dict[str, Any]:
+    """The preprocessing contract stored in an exported model's metadata (see :func:`contract_metadata`)."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    if "medistill_contract" not in props:
+        raise MedistillError(f"{path}: no medistill preprocessing contract in the model's metadata")
+    return json.loads(props["medistill_contract"])
 
 
 def onnx_session(path: str | Path, threads: int | None = None):

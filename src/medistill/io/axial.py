@@ -83,3 +83,12 @@ def axial_slices(array: np.ndarray, affine: np.ndarray) -> AxialSlices:
     new_affine = np.eye(4)
     new_affine[:3, :3], new_affine[:3, 3] = steps, origin
     return AxialSlices(np.ascontiguousarray(out[tuple(index)]), new_affine, axes, flips)  # type: ignore[arg-type]
+
+
+def from_axial(stack: np.ndarray, axial: AxialSlices) -> np.ndarray:
+    """The inverse of :func:`axial_slices`: an ``S H W`` array on ``axial``'s canonical grid (a
+    prediction) back in the input array's axis order and directions, so it overlays the input."""
+    if tuple(stack.shape) != tuple(axial.slices.shape):
+        raise MedistillError(f"from_axial: expected shape {axial.slices.shape}, got {stack.shape}")
+    index = tuple(slice(None, None, -1) if f else slice(None) for f in axial.flipped)
+    return np.ascontiguousarray(np.transpose(stack[index], np.argsort(axial.source_axes)))

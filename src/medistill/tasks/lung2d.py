@@ -3,10 +3,13 @@
 Data: one labelled CT (by default the ``chest-ct`` example; lung lobes 10-14 merged into one lung
 label) or the user's own CT + label map. A single volume is not a cohort, so the split is by slabs
 of consecutive axial slices (train / val / test slabs interleaved along z, the first slice of every
-slab dropped as a gap); every table says so. Slices are clipped to a HU window, scaled to [0, 1] and
-resampled in-plane to ``data.size`` (area averaging; labels by area fraction >= 0.5, never by
-interpolating label values). Predictions are made at that size and resampled back to the input grid,
-so the written NIfTI overlays the CT in any viewer.
+slab dropped as a gap); every table says so. Slices are cut from the affine in one canonical in-plane
+orientation (:mod:`medistill.io.axial`: rows anterior -> posterior, columns patient right -> left)
+before the network, in training and in prediction, and predictions are put back in the input's array
+order after it, so the same CT stored RAS, LPS, PRS, ... gives the same mask. Slices are clipped to a HU
+window, scaled to [0, 1] and resampled in-plane to ``data.size`` (area averaging; labels by area
+fraction >= 0.5, never by interpolating label values). Predictions are made at that size and resampled
+back to the input grid, so the written NIfTI overlays the CT in any viewer.
 
 Baseline: "air inside the body" (HU < -400 within the filled body outline), the classical
 threshold segmentation of lungs, evaluated on the same test slices.
@@ -26,7 +29,7 @@ from scipy import ndimage
 from medistill.config import ExperimentConfig, ModelSpec, StrictModel
 from medistill.engine.data import KeyedDataset
 from medistill.errors import MedistillError
-from medistill.io.axial import axial_axis
+from medistill.io.axial import AxialSlices, axial_axis, axial_slices, from_axial
 from medistill.io.images import Image, check_same_grid, read_image, write_image
 from medistill.metrics.segmentation import dice
 from medistill.registry import TASKS
@@ -51,11 +54,6 @@ class LungData(StrictModel):
 class Lung2DConfig(ExperimentConfig):
     task: str = "lung2d"
     data: LungData = LungData()
-
-
-def to_axial_slices(volume: np.ndarray, axis: int) -> np.ndarray:
-    """``(X, Y, Z)`` volume -> ``(N, H, W)`` stack of slices along ``axis``."""
-    return np.moveaxis(volume, axis, 0)
 
 
 def normalise(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
@@ -155,10 +153,9 @@ class Lung2DTask(Task):
         return self._volume
 
     def slices(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """Full-resolution HU slices, lung masks and the slab split."""
+        """Full-resolution HU slices and lung masks in the canonical orientation, and the slab split."""
         ct, lung = self.volume()
-        axis = axial_axis(ct.affine)
-        hu, masks = to_axial_slices(ct.array, axis), to_axial_slices(lung.array, axis)
+        hu, masks = axial_slices(ct.array, ct.affine).slices, axial_slices(lung.array, lung.affine).slices
         return hu, masks, slab_split(len(hu), self.cfg.data.slab)
 
     def build_data(self) -> tuple[SliceSet, SliceSet]:
@@ -230,19 +227,48 @@ class Lung2DTask(Task):
 
     def predict_file(self, src: Path, dst: Path) -> Path:
         """Segment a CT volume (or one axial slice) by the last deployable stage's network and write a uint8
-        mask in the input's geometry."""
+        mask in the input's geometry. Slices go through the canonical orientation and back (see the
+        module docstring); a 2D slice without patient orientation (identity direction: PNG, TIFF) is
+        taken as displayed radiologically (anterior up, patient right on the left)."""
         img = read_image(src)
-        net = self.predict_model()
-        if img.ndim == 2:
-            mask = self.predict_slices(net, img.array[None])[0] >= 0.5
-        elif img.ndim == 3:
-            axis = axial_axis(img.affine)
-            prob = self.predict_slices(net, to_axial_slices(img.array, axis))
-            mask = np.moveaxis(prob >= 0.5, 0, axis)
-        else:
+        if img.ndim not in (2, 3):
             raise MedistillError(f"{src}: expected a 2D slice or a 3D CT volume, got shape {img.shape}")
+        net = self.predict_model()
+        if img.ndim == 2 and np.allclose(img.direction, np.eye(3)):
+            mask = self.predict_slices(net, img.array[None])[0] >= 0.5
+        else:
+            axial = self.canonical(img, src)
+            mask = from_axial(self.predict_slices(net, axial.slices) >= 0.5, axial)
+            mask = mask[..., 0] if img.ndim == 2 else mask
         write_image(img.with_array(mask.astype(np.uint8)), dst)
         return dst
+
+    @staticmethod
+    def canonical(img: Image, src: Path | str) -> AxialSlices:
+        """``img``'s axial slices in the canonical orientation (a 2D slice as a one-slice stack)."""
+        array = img.array[..., None] if img.ndim == 2 else img.array
+        if img.ndim == 2 and axial_axis(img.affine) != 2:
+            raise MedistillError(f"{src}: a 2D slice that is not axial (its normal is not head-foot)")
+        return axial_slices(array, img.affine)
+
+    def deploy_contract(self, stage: str, model: str) -> dict[str, Any]:
+        """Slice orientation, HU window and scaling, input size, labels and the mask threshold."""
+        d = self.cfg.data
+        return super().deploy_contract(stage, model) | {
+            "input": "one channel: axial CT slices B 1 H W in HU",
+            "orientation": "rows anterior -> posterior, columns patient right -> left (from the affine; "
+            "medistill.io.axial)",
+            "normalisation": {
+                "scheme": "hu_window",
+                "hu_window": list(d.hu_window),
+                "scale": "(clip - lo) / (hi - lo)",
+            },
+            "size": [d.size, d.size],
+            "resize": "area averaging to size, probabilities bilinear back to the slice grid",
+            "output": "logits B 2 H W; softmax channel 1 = lung probability",
+            "labels": {"0": {"name": "background", "value": 0}, "1": {"name": "lung", "value": 1}},
+            "threshold": 0.5,
+        }
 
     def evaluate(self, out_dir: Path) -> dict[str, Any]:
         """Dice on the test slabs at full resolution for each trained stage, next to the air-in-body
@@ -260,12 +286,11 @@ class Lung2DTask(Task):
         case = self.case_name
         lung_rows = np.flatnonzero(masks[idx].reshape(len(idx), -1).sum(1) > 0)
         show = lung_rows[np.linspace(0, len(lung_rows) - 1, 3).astype(int)] if len(lung_rows) else [0]
-        # axial slices of an RAS-ordered array are displayed with anterior up (transpose + flip rows)
-        view = lambda a: np.flipud(a.T)  # noqa: E731
+        # canonical slices are already in the radiological view (anterior up, patient right on the left)
         fig = overlay_grid(
-            [view(hu[idx][i]) for i in show],
-            [view(masks[idx][i]) for i in show],
-            [view(pred[i]) for i in show],
+            [hu[idx][i] for i in show],
+            [masks[idx][i] for i in show],
+            [pred[i] for i in show],
             Path(out_dir) / "overlay.png",
             titles=[f"test slice z={idx[i]}" for i in show],
             window=(-1000.0, 400.0),

@@ -80,6 +80,14 @@ class Seg3DData(StrictModel):
     )
     patch: tuple[int, int, int] = Field((64, 64, 48), description="training patch / sliding window")
     fg_fraction: float = Field(0.33, ge=0, le=1, description="patches centred on a foreground voxel")
+    beyond_edge: float = Field(
+        0.5,
+        ge=0,
+        le=0.5,
+        description="how far (fraction of the patch per axis) a training patch may reach past the volume's "
+        "edge, the outside filled with air and background: the net learns where a field of view ends, so "
+        "a scan with more or less around the organs than the training crops is read alike",
+    )
     flip_lr: float = Field(0.5, ge=0, le=1, description="left-right flip probability (swaps L/R labels)")
     rotate_deg: float = Field(10.0, ge=0, description="max rotation in the axial plane")
     scale: float = Field(0.1, ge=0, lt=1, description="max relative zoom")
@@ -290,13 +298,19 @@ class PatchSet(KeyedDataset):
     """Training patches ``(1, *patch)``: foreground-oversampled, with flips, rotation/zoom and intensity.
 
     ``volumes``: working-grid images; ``labels``: class indices; ``lr_swap``: class index -> its mirror
-    (left <-> right organ) applied when flipping axis 0 (RAS x, left-right).
+    (left <-> right organ) applied when flipping axis 0 (RAS x, left-right); ``air``: each volume's input
+    value of air, for the part of a patch past the volume's edge (``d.beyond_edge``).
     """
 
     def __init__(
-        self, volumes: list[np.ndarray], labels: list[np.ndarray], d: Seg3DData, lr_swap: np.ndarray
+        self,
+        volumes: list[np.ndarray],
+        labels: list[np.ndarray],
+        d: Seg3DData,
+        lr_swap: np.ndarray,
+        air: list[float],
     ) -> None:
-        self.volumes, self.labels, self.d, self.lr_swap = volumes, labels, d, lr_swap
+        self.volumes, self.labels, self.d, self.lr_swap, self.air = volumes, labels, d, lr_swap, air
         # a subsample of each class's voxels per volume, for foreground-centred patches
         self.fg: list[list[np.ndarray]] = []
         for lab in labels:
@@ -320,10 +334,10 @@ class PatchSet(KeyedDataset):
             centre = cls[rng.integers(len(cls))]
         else:
             centre = rng.integers(0, shape)
-        lo = np.clip(centre - patch // 2, 0, shape - patch)
-        box = tuple(slice(a, a + p) for a, p in zip(lo, patch, strict=True))
-        x = torch.from_numpy(np.ascontiguousarray(img[box]))[None, None]
-        y = torch.from_numpy(np.ascontiguousarray(lab[box]).astype(np.int64))[None, None]
+        reach = (patch * d.beyond_edge).astype(int)
+        lo = np.clip(centre - patch // 2, -reach, np.maximum(shape - patch + reach, -reach))
+        x = torch.from_numpy(crop_padded(img, lo, patch, self.air[index]))[None, None]
+        y = torch.from_numpy(crop_padded(lab, lo, patch, 0).astype(np.int64))[None, None]
         angle = np.deg2rad(rng.uniform(-d.rotate_deg, d.rotate_deg))
         zoom = 1.0 + rng.uniform(-d.scale, d.scale)
         if angle or zoom != 1.0:  # rotation in the axial (x, y) plane and isotropic zoom, about the centre
@@ -338,6 +352,15 @@ class PatchSet(KeyedDataset):
         x = x * (1 + rng.uniform(-d.intensity, d.intensity)) + rng.uniform(-d.intensity, d.intensity)
         x = x + float(rng.uniform(0, d.noise)) * torch.from_numpy(rng.standard_normal(x.shape, np.float32))
         return {"image": x[0].float(), "label": y[0]}
+
+
+def crop_padded(array: np.ndarray, lo: np.ndarray, size: np.ndarray, fill: float) -> np.ndarray:
+    """``array[lo : lo + size]`` per axis, where the box may reach past the edges: the outside is ``fill``."""
+    out = np.full(tuple(int(n) for n in size), fill, dtype=array.dtype)
+    src = tuple(slice(max(a, 0), min(a + n, s)) for a, n, s in zip(lo, size, array.shape, strict=True))
+    dst = tuple(slice(r.start - a, r.stop - a) for r, a in zip(src, lo, strict=True))
+    out[dst] = array[src]
+    return out
 
 
 class CaseIndex(Dataset):
@@ -515,16 +538,17 @@ class Seg3DTask(Task):
 
     def build_data(self) -> tuple[PatchSet, CaseIndex]:
         _, split = self.dataset()
-        vols, labs = [], []
+        vols, labs, air = [], [], []
         for cid in split["train"] + split["val"]:
             vol, lab = self.load_case(cid)  # ct_fixed: statistics of the training subjects, computed once
             self._check_patch(cid, vol.image.shape)
             if cid in split["train"]:
                 vols.append(vol.image)
                 labs.append(lab)
+                air.append(vol.pad_value)
         spec = self.dataset()[0]
         swap = lr_mirror(spec.labels, self.values)
-        return PatchSet(vols, labs, self.cfg.data, swap), CaseIndex(len(split["val"]))
+        return PatchSet(vols, labs, self.cfg.data, swap, air), CaseIndex(len(split["val"]))
 
     def splits(self) -> dict[str, list[str]]:
         return {k: list(v) for k, v in self.dataset()[1].items()}
