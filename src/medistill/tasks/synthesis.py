@@ -68,9 +68,6 @@ from medistill.tasks.synthesis_data import (
 )
 
 DISCRIMINATORS = ("d_ct", "d_mr", "d_shape")
-REFERENCE_NOTE = (
-    "reference = head-ct (another person) registered to head-mr (affine MI + B-spline), not the same patient"
-)
 
 
 class SynthesisInfer(StrictModel):
@@ -166,6 +163,11 @@ class SynthesisTask(Task):
         else:
             raise MedistillError("set data.ct_example (head-ct) or data.ct (a CT volume in HU)")
         return mr, ct
+
+    @property
+    def reference_name(self) -> str:
+        d = self.cfg.data
+        return f"{d.ct_example} (CT)" if d.ct is None else f"{Path(d.ct).name} (CT)"
 
     def reference(self, mr: Image, ct: Image) -> Reference:
         """The registered reference, kept with its transform in ``RUN/reference/``: taken from there, or
@@ -492,7 +494,9 @@ class SynthesisTask(Task):
         out_dir.mkdir(parents=True, exist_ok=True)
         note = (
             f"{len(idx)} held-out axial MR slices (test slabs; {dropped} dropped where the reference covers "
-            f"< half the head); {REFERENCE_NOTE}; PSNR/SSIM on HU clipped to {list(d.hu_window)} "
+            f"< half the head); reference = {self.reference_name} registered to the MR (affine MI"
+            f"{' + B-spline' if d.registration.bspline else ''}): another person, not the same patient; "
+            f"PSNR/SSIM on HU clipped to {list(d.hu_window)} "
             f"(data range {d.hu_window[1] - d.hu_window[0]:g} HU); regions from the reference: bone > "
             f"{BONE_HU:g} HU, soft tissue {BODY_HU:g}..{BONE_HU:g}, air < {BODY_HU:g}, "
             "all inside the MR head mask"
