@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from medistill.cli import main
+from medistill.io.examples import is_cached
 from medistill.physics import ct, metal
 from medistill.tasks import mar_data
 
@@ -126,6 +127,8 @@ def test_tiny_pipeline_evaluates_predicts_and_exports(tiny_run: Path, tmp_path: 
             assert row["n_slices"] >= 1 and np.isfinite(row["psnr_db"]) and 0 < row["ssim"] <= 1
         assert cases[f"{domain}/LI"]["rmse_hu"] < cases[f"{domain}/artifact"]["rmse_hu"]
     assert (tiny_run / "eval" / "mar_sim.png").stat().st_size > 10_000
+    if is_cached("radiographs"):  # the real head slice with inserted metal
+        assert (tiny_run / "eval" / "mar_real_693.png").stat().st_size > 10_000
     assert "clinical domain" in (tiny_run / "eval" / "mar_tables.md").read_text()
 
     # a volume with a metal slice: clean slices pass unchanged, output on the input grid in HU

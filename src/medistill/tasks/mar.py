@@ -30,6 +30,7 @@ from torch import nn
 from medistill.config import ExperimentConfig, ModelSpec, StrictModel
 from medistill.engine.data import KeyedDataset
 from medistill.errors import MedistillError
+from medistill.physics.attenuation import mu_to_hu
 from medistill.registry import TASKS
 from medistill.tasks import mar_data
 from medistill.tasks.base import Task
@@ -65,6 +66,7 @@ class MAREval(StrictModel):
     figure_window_hu: tuple[float, float] = (-400.0, 600.0)
     metal_threshold_hu: float = Field(2500.0, description="predict: a pixel above this is metal")
     min_metal_px: int = Field(3, ge=1, description="predict: a slice with fewer metal pixels is clean")
+    bench_size: int = Field(416, ge=32, description="bench: one test slice resampled to this size")
 
 
 class MARConfig(ExperimentConfig):
@@ -310,9 +312,7 @@ class MARTask(Task):
         figures, tables = [], []
         for domain in ("sim", "clinical"):
             arrays = self.sim_set(domain, "test", nmar=True)
-            inputs = self.net_input(arrays)
-            methods = {"artifact": arrays["artifact"], "LI": arrays["li"], "NMAR": arrays["nmar"]}
-            methods |= {st: self.run_net(net, inputs) for st, net in nets.items()}
+            methods = self._methods(arrays, nets)
             target, masks = arrays["free"], arrays["mask"]
             n_img = target.shape[-1]
             axis = np.arange(n_img) - (n_img - 1) / 2
@@ -338,6 +338,9 @@ class MARTask(Task):
             tables.append(self._table(domain, cases, list(methods), len(target)))
             figures.append(str(self._figure(domain, arrays, methods, Path(out_dir) / f"mar_{domain}.png")))
         (Path(out_dir) / "mar_tables.md").write_text("\n\n".join(tables) + "\n")
+        real = self._real_slice_figure(nets, Path(out_dir) / "mar_real_693.png")
+        if real is not None:
+            figures.append(str(real))
         note = (
             f"held-out test slices (slab split per source); target = the metal-free scan through the same "
             f"chain; PSNR/SSIM in the window {list(e.window_hu)} HU (data range "
@@ -346,6 +349,51 @@ class MARTask(Task):
             "truth is used here only and never in training"
         )
         return {"cases": cases, "note": note, "figures": figures}
+
+    def _methods(self, arrays: dict[str, np.ndarray], nets: dict[str, nn.Module]) -> dict[str, np.ndarray]:
+        """``M H W`` images (HU) of the classical baselines and of every trained stage."""
+        inputs = self.net_input(arrays)
+        methods = {"artifact": arrays["artifact"], "LI": arrays["li"], "NMAR": arrays["nmar"]}
+        return methods | {st: self.run_net(net, inputs) for st, net in nets.items()}
+
+    def _real_slice_figure(self, nets: dict[str, nn.Module], path: Path) -> Path | None:
+        """The real head CT slice of the ``radiographs`` set (pydicom's 693_UNCR.dcm) with metal inserted
+        by the in-domain simulator, through every method (skipped when that set is not fetched)."""
+        from medistill.io.checks import read_ct
+        from medistill.io.examples import example_file, is_cached
+        from medistill.physics import mar_classical, metal
+
+        if not is_cached("radiographs"):
+            return None
+        image = read_ct(example_file("radiographs", "693_UNCR.dcm"))
+        hu = np.clip(np.asarray(image.array, np.float32), -1024.0, 3071.0)
+        size = self.cfg.data.size
+        pixel_mm = float(image.spacing[-1]) * hu.shape[-1] / size
+        small = mar_data.resample(hu[None], size)
+        rng = np.random.default_rng([self.cfg.seed, 693])
+        mask = mar_data.place_metal(small[0], pixel_mm, "head-ct", rng, realistic=True)[None]
+        geometry = mar_data.mar_geometry(size, pixel_mm)
+        scan = metal.MetalScan(metal="titanium", photons=1e6)
+        sim = mar_data.simulate_domain(
+            torch.from_numpy(small),
+            torch.from_numpy(mask),
+            geometry,
+            scan,
+            0.0,
+            torch.Generator().manual_seed(0),
+        )
+        li = mar_classical.li_mar(sim["sino_metal"], sim["metal_trace"], geometry)
+        nm = mar_classical.nmar(sim["sino_metal"], sim["metal_trace"], geometry, li_mu=li)
+        arrays = {
+            "artifact": sim["artifact_hu"].numpy(),
+            "li": mu_to_hu(li).numpy(),
+            "nmar": mu_to_hu(nm).numpy(),
+            "free": sim["free_hu"].numpy(),
+            "mask": mask,
+        }
+        return self._figure(
+            "real head slice 693_UNCR + simulated metal", arrays, self._methods(arrays, nets), path
+        )
 
     def _table(self, domain: str, cases: dict[str, Any], methods: list[str], n: int) -> str:
         head = f"### {domain} domain, n = {n} test slices (mean +- SD over slices)\n\n"
@@ -392,7 +440,7 @@ class MARTask(Task):
                 for a in (ax, ax_err):
                     a.axis("off")
         fig.suptitle(
-            f"{domain} domain test slices, window [{lo:g}, {hi:g}] HU; error rows |x - target| 0-300 HU; "
+            f"{domain}: test slices, window [{lo:g}, {hi:g}] HU; error rows |x - target| 0-300 HU; "
             "RMSE outside metal",
             fontsize=9,
         )
@@ -476,8 +524,10 @@ class MARTask(Task):
         return {"image": torch.from_numpy(self.net_input({k: v[i : i + 1] for k, v in val.items()}))}
 
     def whole_input(self, stage: str, model: str) -> tuple[str, dict[str, torch.Tensor]]:
+        """One test slice of the realistic domain, resampled (bilinear) to ``eval.bench_size``: the
+        network's cost per clinical-size slice (the content only needs to be a real slice)."""
         test = self.sim_set("sim", "test")
-        x = torch.from_numpy(self.net_input(test))
-        return f"{len(x)} test slices at {self.cfg.data.size}^2 ({len(self.cfg.data.inputs)} channels)", {
-            "image": x
-        }
+        x = torch.from_numpy(self.net_input({k: v[:1] for k, v in test.items()}))
+        size = self.cfg.eval.bench_size
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        return f"one test slice resampled to {size}^2 ({x.shape[1]} channels)", {"image": x}
