@@ -71,7 +71,7 @@ def fov_variants(ct: Image, lab: Image) -> dict[str, tuple[Image, np.ndarray]]:
 @pytest.mark.slow
 def test_liver_dice_does_not_depend_on_the_field_of_view(tmp_path: Path) -> None:
     """A tiny teacher trained on the phantom cohort (tight crops of the phantom) reads the phantom's
-    liver alike in a tight crop, in that crop padded with air and in the whole phantom (within 6 Dice
+    liver alike in a tight crop, in that crop padded with air and in the whole phantom (within 8 Dice
     points; with the volume's own z-score the padded crop lost 30 points in the same setting)."""
     root = tmp_path / "cohort"
     make_cohort(
@@ -108,7 +108,7 @@ def test_liver_dice_does_not_depend_on_the_field_of_view(tmp_path: Path) -> None
             }
         ],
         "train": {
-            "steps": 50,
+            "steps": 80,
             "batch_size": 2,
             "lr": 0.01,
             "lr_schedule": "constant",
@@ -132,7 +132,7 @@ def test_liver_dice_does_not_depend_on_the_field_of_view(tmp_path: Path) -> None
     }
     print({k: round(v, 3) for k, v in scores.items()})
     assert min(scores.values()) > 0.7, scores  # it learned the liver
-    assert max(scores.values()) - min(scores.values()) < 0.06, scores
+    assert max(scores.values()) - min(scores.values()) < 0.08, scores
 
 
 def test_ct_statistics_come_from_training_foreground_only() -> None:
