@@ -212,9 +212,10 @@ class SynthesisTask(Task):
         excluded = ct_levels_of_mr_slices(mr, ct, ref.transform, mr_ax, ct_ax, held)
         body = ct_body_mask(ct_ax.slices, 0)
         ct_area = body.reshape(len(body), -1).sum(1)
-        ct_keep = [
-            k for k in np.flatnonzero(ct_area >= d.min_head_fraction * ct_area.max()) if k not in excluded
-        ]
+        levels = set(np.flatnonzero(ct_area >= d.min_head_fraction * ct_area.max()).tolist())
+        if d.ct_levels == "mr_train":  # the CT anatomy of the MR training levels only (same distribution)
+            levels &= ct_levels_of_mr_slices(mr, ct, ref.transform, mr_ax, ct_ax, split["train"])
+        ct_keep = sorted(levels - excluded)
         if not ct_keep:
             raise MedistillError(
                 f"{ct_path}: no CT slice is left for training after excluding held-out levels"

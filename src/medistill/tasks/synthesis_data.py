@@ -17,7 +17,10 @@ evaluation reference and the split.
   the transform in ``RUN/reference/``. It is **another person registered**, not the same patient.
 * **Split**: one MR volume, so by slabs of consecutive axial MR slices (train / val / test, one-slice
   gaps). CT slices that the registration maps onto a val or test MR slab are left out of CT training, so
-  the generator never sees the CT anatomy of a test level.
+  the generator never sees the CT anatomy of a test level; by default CT training also keeps only the
+  levels the MR training slabs cover (``ct_levels: mr_train``): the CT reaches the mandible and teeth,
+  the MR's usable slices do not, and without this the CT discriminator asks every brain slice for the
+  bone of the skull base. The registration is used only to pick levels, never as paired supervision.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -72,6 +75,11 @@ class SynthesisData(StrictModel):
         ge=0,
         lt=1,
         description="slices whose head area is below this fraction of the largest are unused",
+    )
+    ct_levels: Literal["mr_train", "all"] = Field(
+        "mr_train",
+        description="CT training slices: those the registration maps onto MR training slabs, or all (both "
+        "minus the levels of held-out MR slabs)",
     )
     flip_lr: bool = Field(True, description="random left-right flips in training (heads are near symmetric)")
     registration: RegistrationConfig = RegistrationConfig()
