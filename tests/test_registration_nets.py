@@ -168,13 +168,16 @@ def test_aldk_adversarial_term_reaches_the_student_not_the_teacher_and_trains_th
     s_flow = student(f, m)
     reg = PearsonLoss()(f, warp(m, s_flow))
     grad_reg = torch.autograd.grad(aldk.gamma * reg, list(student.parameters()), retain_graph=True)
-    critic.requires_grad_(False)
+    critic.requires_grad_(False)  # the student's step: the critic is frozen (ctx.frozen_params)
+    teacher.requires_grad_(True)  # even if the teacher's weights could take gradients, none reach them
     adv = aldk.adversarial(critic, t_flow, s_flow)
     loss = aldk.student_loss(reg, adv)
-    grads = torch.autograd.grad(loss, list(student.parameters()))
+    loss.backward()
+    grads = [p.grad for p in student.parameters()]
     changed = sum(float((a - b).abs().sum()) for a, b in zip(grads, grad_reg, strict=True))
     assert changed > 0  # the adversarial term changes the student's gradient
-    assert all(p.grad is None for p in teacher.parameters()) and all(p.grad is None for p in critic.parameters())
+    assert all(p.grad is None for p in [*teacher.parameters(), *critic.parameters()])
+    student.zero_grad(set_to_none=True)
     critic.requires_grad_(True)
     before = [p.detach().clone() for p in critic.parameters()]
     opt = torch.optim.Adam(critic.parameters(), lr=1e-2)
