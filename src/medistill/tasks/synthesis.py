@@ -209,12 +209,12 @@ class SynthesisTask(Task):
         usable = np.flatnonzero(area >= d.min_head_fraction * area.max())
         split = slab_split(usable, d.slab)
         held = np.concatenate([split["val"], split["test"]])
-        excluded = ct_levels_of_mr_slices(mr, ct, ref.transform, mr_ax, ct_ax, held)
+        excluded = ct_levels_of_mr_slices(mr, ct, ref.transform, mr_ax, ct_ax, held, head)
         body = ct_body_mask(ct_ax.slices, 0)
         ct_area = body.reshape(len(body), -1).sum(1)
         levels = set(np.flatnonzero(ct_area >= d.min_head_fraction * ct_area.max()).tolist())
         if d.ct_levels == "mr_train":  # the CT anatomy of the MR training levels only (same distribution)
-            levels &= ct_levels_of_mr_slices(mr, ct, ref.transform, mr_ax, ct_ax, split["train"])
+            levels &= ct_levels_of_mr_slices(mr, ct, ref.transform, mr_ax, ct_ax, split["train"], head)
         ct_keep = sorted(levels - excluded)
         if not ct_keep:
             raise MedistillError(

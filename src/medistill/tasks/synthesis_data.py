@@ -328,26 +328,27 @@ def ct_levels_of_mr_slices(
     mr_ax: AxialSlices,
     ct_ax: AxialSlices,
     mr_slices: np.ndarray,
+    mr_head: np.ndarray,
 ) -> set[int]:
-    """Canonical CT slice indices that the transform maps points of the given MR slices onto."""
+    """Canonical CT slice indices at the level of the given MR slices: where the transform maps each MR
+    slice's head centroid (``mr_head``: canonical ``S H W`` mask), the two nearest CT slices. The centroid,
+    not the whole plane: the two heads are tilted against each other, so one MR plane crosses tens of CT
+    slices at its rim."""
     fixed = _to_sitk(Image(np.zeros((2, 2, 2), np.float32), mr.affine), Path("mr"))
     moving = _to_sitk(Image(np.zeros((2, 2, 2), np.float32), ct.affine), Path("ct"))
-    inv_mr = np.linalg.inv(mr.affine)
+    inv_mr, inv_ct = np.linalg.inv(mr.affine), np.linalg.inv(ct_ax.affine)
     n_ct = ct_ax.slices.shape[0]
     out: set[int] = set()
-    rows = np.linspace(0, mr_ax.slices.shape[1] - 1, 7)
-    cols = np.linspace(0, mr_ax.slices.shape[2] - 1, 7)
     for s in mr_slices:
-        for r in rows:
-            for c in cols:
-                world = mr_ax.affine @ np.array([s, r, c, 1.0])  # canonical (s, r, c) -> RAS
-                ijk = (inv_mr @ world)[:3]
-                p = fixed.TransformContinuousIndexToPhysicalPoint([float(v) for v in ijk])
-                q = moving.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(p))
-                ct_world = ct.affine @ np.array([*q, 1.0])
-                k = (np.linalg.inv(ct_ax.affine) @ ct_world)[0]
-                if -0.5 <= k <= n_ct - 0.5:
-                    out.update({int(np.floor(k)), int(np.ceil(k))} & set(range(n_ct)))
+        rr, cc = np.nonzero(mr_head[s])
+        if not len(rr):
+            continue
+        world = mr_ax.affine @ np.array([s, rr.mean(), cc.mean(), 1.0])  # canonical (s, r, c) -> RAS
+        p = fixed.TransformContinuousIndexToPhysicalPoint([float(v) for v in (inv_mr @ world)[:3]])
+        q = moving.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(p))
+        k = (inv_ct @ (ct.affine @ np.array([*q, 1.0])))[0]
+        if -0.5 <= k <= n_ct - 0.5:
+            out.update({int(np.floor(k)), int(np.ceil(k))} & set(range(n_ct)))
     return out
 
 
