@@ -33,7 +33,7 @@ from medistill.engine.data import KeyedDataset
 from medistill.errors import MedistillError
 from medistill.io.images import Image, check_same_grid, read_image, write_image
 from medistill.registry import TASKS
-from medistill.tasks.base import Task
+from medistill.tasks.base import Task, require_divisible
 from medistill.tasks.registration_data import (
     Modality,
     Subject,
@@ -259,11 +259,7 @@ class RegistrationTask(Task):
 
     def build_model(self, key: str, spec: ModelSpec, probe: bool = False) -> torch.nn.Module:
         net = super().build_model(key, spec, probe)
-        div = int(getattr(net, "divisor", 1))
-        if self.cfg.data.size % div:
-            raise MedistillError(
-                f"data.size={self.cfg.data.size} must be a multiple of {div} for {spec.name} ({key})"
-            )
+        require_divisible(net, (self.cfg.data.size,) * 3, "data.size", spec.name)
         return net
 
     def registration_loss(

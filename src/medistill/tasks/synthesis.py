@@ -41,7 +41,7 @@ from medistill.io.images import Image, read_image, write_image
 from medistill.losses.synthesis import soft_threshold, to_hu
 from medistill.metrics.image_quality import image_quality
 from medistill.registry import TASKS
-from medistill.tasks.base import Task
+from medistill.tasks.base import Task, require_divisible
 from medistill.tasks.synthesis_data import (
     BODY_HU,
     BONE_HU,
@@ -272,11 +272,7 @@ class SynthesisTask(Task):
 
     def build_model(self, key: str, spec: ModelSpec, probe: bool = False) -> torch.nn.Module:
         net = super().build_model(key, spec, probe)
-        div = int(getattr(net, "divisor", 1))
-        if self.cfg.data.size % div:
-            raise MedistillError(
-                f"data.size={self.cfg.data.size} must be a multiple of {div} for {spec.name}"
-            )
+        require_divisible(net, (self.cfg.data.size,) * 2, "data.size", spec.name)
         return net
 
     def setup_stage(self, ctx: Any) -> None:
