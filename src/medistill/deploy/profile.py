@@ -62,11 +62,6 @@ def time_stats(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> dict
     return {"min_s": float(min(times)), "median_s": float(statistics.median(times)), "repeats": len(times)}
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` untimed runs."""
-    return time_stats(fn, repeats, warmup)["median_s"]
-
-
 def torch_predictor(model: torch.nn.Module) -> NamedPredictor:
     """``{name: tensor}`` -> output of ``model`` in eval mode, under ``no_grad``."""
     model = model.eval().cpu()

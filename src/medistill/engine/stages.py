@@ -52,6 +52,11 @@ def subjects_hash(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
 
 
+def _set_key(overrides: dict[str, Any]) -> str:
+    """Stages with the same ``set`` overrides share one configuration and one task instance."""
+    return json.dumps(overrides, sort_keys=True, default=str)
+
+
 def _ref(ref: str, default_model: str) -> tuple[str, str]:
     stage, _, model = ref.partition(".")
     return stage, model or default_model
@@ -60,11 +65,19 @@ def _ref(ref: str, default_model: str) -> tuple[str, str]:
 class StageRunner:
     """Runs the ``stages`` of one experiment in ``run_dir`` (see the module docstring)."""
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: str | Path, make_task: TaskFactory) -> None:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        run_dir: str | Path,
+        make_task: TaskFactory,
+        task: StageTask | None = None,
+    ) -> None:
+        """``task``: an existing task of ``cfg`` to serve the stages without ``set`` overrides."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.make_task = make_task
-        self._tasks: dict[str, StageTask] = {}
+        self._configs: dict[str, ExperimentConfig] = {_set_key({}): cfg}
+        self._tasks: dict[str, StageTask] = {} if task is None else {_set_key({}): task}
         if not cfg.stages:
             raise MedistillError(f"experiment {cfg.name!r} (task {cfg.task}) has no stages to run")
         self.stages = {s.name: s for s in cfg.stages}
@@ -77,20 +90,21 @@ class StageRunner:
         return self.stages[name]
 
     def stage_config(self, stage: StageSpec) -> ExperimentConfig:
-        """The experiment as this stage sees it: its ``set`` overrides applied and validated."""
-        if not stage.set:
-            return self.cfg
-        raw = yaml.safe_load(yaml.safe_dump(self.cfg.model_dump(mode="json")))
-        overrides = [f"{k}={json.dumps(v)}" for k, v in stage.set.items()]
-        try:
-            raw = apply_overrides(raw, overrides)
-        except MedistillError as exc:
-            raise MedistillError(f"stages.{stage.name}.set: {exc}") from None
-        return validate_config(raw, source=f"stages.{stage.name}.set")
+        """The experiment as this stage sees it: its ``set`` overrides applied and validated (once)."""
+        key = _set_key(stage.set)
+        if key not in self._configs:
+            raw = yaml.safe_load(yaml.safe_dump(self.cfg.model_dump(mode="json")))
+            overrides = [f"{k}={json.dumps(v)}" for k, v in stage.set.items()]
+            try:
+                raw = apply_overrides(raw, overrides)
+            except MedistillError as exc:
+                raise MedistillError(f"stages.{stage.name}.set: {exc}") from None
+            self._configs[key] = validate_config(raw, source=f"stages.{stage.name}.set")
+        return self._configs[key]
 
     def task(self, stage: StageSpec) -> StageTask:
         """The task of ``stage`` (one instance per distinct configuration, so data is prepared once)."""
-        key = json.dumps(stage.set, sort_keys=True, default=str)
+        key = _set_key(stage.set)
         if key not in self._tasks:
             self._tasks[key] = self.make_task(self.stage_config(stage), self.run_dir)
         return self._tasks[key]
@@ -153,11 +167,12 @@ class StageRunner:
             st, model = _ref(ref, "net")
             self.model_spec(st, model, f"export: {ref}")
 
-    def _frozen_spec(self, fz: FrozenSpec) -> tuple[str, ModelSpec]:
-        """The model spec of a frozen model: from its stage, or recorded in its checkpoint file."""
+    def _frozen_spec(self, fz: FrozenSpec, state: dict[str, Any] | None = None) -> tuple[str, ModelSpec]:
+        """The model spec of a frozen model: from its stage, or recorded in its checkpoint file (``state``,
+        when the caller has loaded it already)."""
         if fz.stage is not None:
             return fz.model, self.model_spec(fz.stage, fz.model, "frozen")
-        state = load_checkpoint(fz.checkpoint)
+        state = state if state is not None else load_checkpoint(fz.checkpoint)
         specs = state.get("model_specs", {})
         if fz.model not in specs:
             raise MedistillError(
@@ -234,7 +249,7 @@ class StageRunner:
                 raise MedistillError(f"{where}: {path} not found (train stage {fz.stage!r} first)")
             state = load_checkpoint(path)
             self._check_overlap(state, str(path), where)
-            name, spec = self._frozen_spec(fz)
+            name, spec = self._frozen_spec(fz, state)
             net = self.task(stage).build_model(name, spec)
             if name not in state["models"]:
                 raise MedistillError(f"{where}: {path} has no weights for model {name!r}")

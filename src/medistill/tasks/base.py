@@ -97,8 +97,7 @@ class Task(ABC):
         if self._runner is None:
             from medistill.engine.stages import StageRunner
 
-            self._runner = StageRunner(self.cfg, self.run_dir, make_task)
-            self._runner._tasks.setdefault("{}", self)
+            self._runner = StageRunner(self.cfg, self.run_dir, make_task, task=self)
         return self._runner
 
     def stage_names(self, trained_only: bool = True) -> list[str]:
