@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/medistill data fetch chest-ct
-	$(BIN)/medistill run configs/demo.yaml --out runs/demo
+	$(BIN)/medistill data fetch chest-ct radiographs chest-ct-2
+	$(BIN)/medistill run configs/demo.yaml --out runs/demo --export --bench
 
 test: $(STAMP)
 	# the real-data tests use these example sets (cached: no network the second time)

@@ -135,3 +135,27 @@ def test_config_errors_name_the_key_and_suggest() -> None:
         validate_config({"task": "toy_regresion"}, "exp.yaml")
     cfg = validate_config(apply_overrides({"task": "toy_regression"}, ["train.lr=3e-4", "data.n=5"]))
     assert cfg.train.lr == pytest.approx(3e-4) and cfg.data.n == 5
+
+
+def test_cpu_bf16_runs_forward_passes_in_bfloat16_or_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """``train.cpu_bf16``: the step's forward runs in bfloat16 (losses in fp32) and the run still learns;
+    on a CPU without native bfloat16 it is refused before training, in one line naming the field."""
+    from medistill.engine import trainer
+    from medistill.engine.trainer import StepContext
+
+    ctx = StepContext({}, {}, torch.device("cpu"), cpu_bf16=True)
+    with ctx.autocast():
+        y = torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3))
+    assert y.dtype == torch.bfloat16
+    plain = StepContext({}, {}, torch.device("cpu"))
+    with plain.autocast():
+        assert torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3)).dtype == torch.float32
+
+    cfg = toy_cfg(steps=30, cpu_bf16=True)
+    if trainer.cpu_has_bf16():
+        fit(cfg, tmp_path / "bf16")
+        curve = losses(tmp_path / "bf16")
+        assert curve[-1] < 0.5 * curve[0]
+    monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: False)
+    with pytest.raises(MedistillError, match="train.cpu_bf16: this CPU has no native bfloat16"):
+        fit(cfg, tmp_path / "refused")

@@ -304,7 +304,7 @@ def image_run(tmp_path: Path) -> Path:
     """A run folder of an image-writing task (lung2d) with its config and no weights."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text(Path("configs/demo.yaml").read_text())
+    (run / "config.yaml").write_text(Path("configs/lung2d.yaml").read_text())
     return run
 
 

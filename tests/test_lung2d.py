@@ -51,7 +51,7 @@ def test_lung_task_learns_on_chest_ct(tmp_path: Path) -> None:
         "train.progress=false",
     ]
     args = [x for s in sets for x in ("--set", s)]
-    main(["run", "configs/demo.yaml", "--out", str(run), *args])
+    main(["run", "configs/lung2d.yaml", "--out", str(run), *args])
     result = json.loads((run / "eval" / "metrics.json").read_text())
     case = result["cases"]["chest-ct"]
     print(f"lung Dice {case['dice']:.4f} vs air-threshold baseline {case['dice_baseline_air_threshold']:.4f}")

@@ -214,3 +214,26 @@ def test_an_input_size_the_network_cannot_take_is_refused() -> None:
     require_divisible(net, (64, 64), "data.size", "unet")
     with pytest.raises(MedistillError, match=r"data\.size \(60, 60\) must be divisible by \(8, 8\) for unet"):
         require_divisible(net, (60, 60), "data.size", "unet")
+
+
+def test_stages_may_be_appended_to_a_run_but_not_changed(tmp_path: Path, capsys) -> None:
+    """A run grows by stages added at the end (the trained ones untouched); any other change is refused."""
+    teacher_only = write_yaml(tmp_path / "a.yaml", TEACHER_STUDENT[:1], steps=6)
+    run = tmp_path / "run"
+    main(["train", str(teacher_only), "--out", str(run)])
+    stamp = (run / "teacher" / "best.pt").stat().st_mtime_ns
+    both = write_yaml(tmp_path / "b.yaml", TEACHER_STUDENT, steps=6)
+    main(["train", str(both), "--out", str(run)])
+    assert (run / "student" / "best.pt").exists()
+    assert (run / "teacher" / "best.pt").stat().st_mtime_ns == stamp  # not retrained
+    wider = {"net": {"name": "toy_mlp", "args": {"hidden": 16}}}
+    changed = [dict(TEACHER_STUDENT[0], models=wider), TEACHER_STUDENT[1]]
+    bad_configs = (
+        write_yaml(tmp_path / "c.yaml", changed, steps=6),  # a trained stage changed
+        write_yaml(tmp_path / "d.yaml", TEACHER_STUDENT, steps=6, lr=0.5),  # a shared setting changed
+        write_yaml(tmp_path / "e.yaml", TEACHER_STUDENT[1:], steps=6),  # a trained stage removed
+    )
+    for bad in bad_configs:
+        with pytest.raises(SystemExit):
+            main(["train", str(bad), "--out", str(run)])
+        assert "already holds a different experiment" in capsys.readouterr().err

@@ -29,10 +29,10 @@ def prepare_run(cfg: ExperimentConfig, run_dir: Path, overwrite: bool = False) -
             raw.get("train", {}).pop("steps", None)
             for stage in raw.get("stages") or []:
                 stage.pop("steps", None)
-        if old != new:
+        if not _same_experiment(old, new):
             raise MedistillError(
-                f"{run_dir} already holds a different experiment (config.yaml differs); "
-                "choose another --out, or pass --overwrite to start afresh there"
+                f"{run_dir} already holds a different experiment (config.yaml differs other than by "
+                "stages appended at the end); choose another --out, or pass --overwrite to start afresh there"
             )
     if overwrite and run_dir.exists():
         for pattern in ("last.pt", "best.pt", "metrics.jsonl", "splits.json"):  # every stage's files
@@ -41,6 +41,18 @@ def prepare_run(cfg: ExperimentConfig, run_dir: Path, overwrite: bool = False) -
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg_path, text)
     return make_task(cfg, run_dir)
+
+
+def _same_experiment(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether ``new`` is ``old`` or extends it by stages appended at the end (the trained stages, their
+    order and every other setting unchanged; the list of exported networks may name the new stages)."""
+    old_stages, new_stages = old.get("stages") or [], new.get("stages") or []
+    if new_stages[: len(old_stages)] != old_stages:
+        return False
+    rest = ("stages", "export")
+    if len(new_stages) == len(old_stages) and old.get("export") != new.get("export"):
+        return False
+    return {k: v for k, v in old.items() if k not in rest} == {k: v for k, v in new.items() if k not in rest}
 
 
 def open_run(run_dir: str | Path) -> Task:

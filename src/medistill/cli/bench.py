@@ -27,6 +27,11 @@ def bench(
     repeats: int = typer.Option(5, help="timed repeats per backend (min and median reported; >= 5)"),
 ) -> None:
     """Profile the run's deployable networks (params, MACs, latency PyTorch vs onnxruntime)."""
+    bench_run(run, threads, repeats)
+
+
+def bench_run(run: Path, threads: int = 2, repeats: int = 5) -> dict:
+    """:func:`bench` as a function; returns (and writes to RUN/bench/profile.json) the measurements."""
     from medistill.deploy.export import export_with_parity
     from medistill.deploy.profile import machine_info, profile_network, speedup_table
     from medistill.runs import open_run, write_json
@@ -76,3 +81,4 @@ def bench(
         typer.echo(f"  {name}: {case}")
     for r in result["ratios"]:
         typer.echo("  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+    return result

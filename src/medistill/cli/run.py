@@ -152,10 +152,51 @@ def _report(run_dir: Path) -> Path:
                 ],
             )
         )
+    for extra in result.get("tables", []):  # further tables of the evaluation: {title, note, header, rows}
+        sections.append(
+            Section(extra["title"], extra.get("note", ""), tables=[(extra["header"], extra["rows"])])
+        )
     sections.append(Section("Figures", figures=[Path(f) for f in result.get("figures", [])]))
+    sections.extend(_deployment_sections(run_dir))
     sections.append(Section("Training", figures=[curves]))
     sections.append(Section("Configuration", (run_dir / "config.yaml").read_text(), pre=True))
     return write_report(run_dir / "report.html", f"medistill run: {run_dir.name} ({task.cfg.task})", sections)
+
+
+def _deployment_sections(run_dir: Path) -> list:
+    """Report sections from ``medistill export`` (ONNX parity) and ``medistill bench`` (CPU latency)."""
+    import json
+
+    from medistill.report.html import Section
+
+    sections = []
+    parity = run_dir / "export" / "parity.json"
+    if parity.exists():
+        rows = [[k, v["max_abs_diff"], str(v["inputs"])] for k, v in json.loads(parity.read_text()).items()]
+        text = "Each network exported to ONNX and run on a real input of the run by onnxruntime and PyTorch."
+        sections.append(
+            Section("ONNX export", text, tables=[(["network", "max |onnx - torch|", "inputs"], rows)])
+        )
+    bench = run_dir / "bench" / "profile.json"
+    if bench.exists():
+        b = json.loads(bench.read_text())
+        m, first = b["machine"], b["rows"][0]
+        text = (
+            f"{m['cpu']}, {m['nproc']} CPUs, {first['threads']} threads for both backends, load average "
+            f"{m['load_avg_1min']:.2f} when measured; min and median of {first['repeats']} runs after a "
+            "warm-up. " + " ".join(f"{k}: {v}." for k, v in b["cases"].items())
+        )
+        ratios = {r["model"]: r for r in b["ratios"]}
+        header = ["network", "params", "GMACs", "PyTorch min s", "PyTorch median s", "ORT min s",
+                  "ORT median s", "MACs ratio", "speed-up (best vs best)"]  # fmt: skip
+        rows = [
+            [r["model"], r["params"], r["gmacs_whole"], r["min_s_torch"], r["median_s_torch"],
+             r["min_s_onnx"], r["median_s_onnx"], ratios[r["model"]]["macs_ratio"],
+             ratios[r["model"]]["speedup_best"]]
+            for r in b["rows"]
+        ]  # fmt: skip
+        sections.append(Section("CPU latency", text, tables=[(header, rows)]))
+    return sections
 
 
 @report_app.command("run")
@@ -166,11 +207,27 @@ def report_run(run: Path = typer.Argument(..., help="run folder")) -> None:
 
 @app.command("run")
 def run_all(
-    config: ConfigArg, out: OutOpt = None, set_: SetOpt = None, overwrite: OverwriteOpt = False
+    config: ConfigArg,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    export_: Annotated[
+        bool, typer.Option("--export", help="also export the deployable networks to ONNX (parity checked)")
+    ] = False,
+    bench_: Annotated[
+        bool, typer.Option("--bench", help="also measure their CPU latency (PyTorch and onnxruntime)")
+    ] = False,
 ) -> None:
-    """Train every stage (skipping finished ones), evaluate and report: the whole pipeline of CONFIG."""
+    """Train every stage (skipping finished ones), evaluate and report: the whole pipeline of CONFIG.
+    With ``--export`` / ``--bench`` the report also holds the ONNX parity and the CPU latency tables."""
     run_dir = _train(config, out, set_ or [], overwrite)
+    if export_:
+        export_run(run_dir)
     _evaluate(run_dir)
+    if bench_:
+        from medistill.cli.bench import bench_run
+
+        bench_run(run_dir)
     typer.echo(str(_report(run_dir)))
 
 
@@ -182,6 +239,11 @@ def export(
     """Export the run's deployable networks to RUN/export/<stage>.<model>.onnx with a parity check on
     real inputs from the run's data (named inputs, dynamic spatial axes where the network allows); the
     preprocessing contract goes into each model's metadata and RUN/export/<stage>.<model>.json."""
+    export_run(run, tolerance)
+
+
+def export_run(run: Path, tolerance: float = 1e-3) -> dict:
+    """:func:`export` as a function; returns (and writes to RUN/export/parity.json) the parity report."""
     from medistill.deploy.export import contract_metadata, export_with_parity
     from medistill.runs import open_run, write_json
 
@@ -214,3 +276,4 @@ def export(
         }
         typer.echo(f"{path}  max |onnx - torch| = {diff:.2e}")
     write_json(run / "export" / "parity.json", report)
+    return report

@@ -49,6 +49,11 @@ from medistill.registry import DISTILLERS, LOSSES
 DISTILLER_PREFIX = "distillers."
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bfloat16 natively (oneDNN's check for AVX512-BF16 / AMX)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (model initialisation is then identical on every rank)."""
     random.seed(seed)
@@ -106,15 +111,18 @@ class StepContext:
     scalers: dict[str, torch.amp.GradScaler] = field(default_factory=dict)
     grad_clips: dict[str, float | None] = field(default_factory=dict)
     amp: bool = False
+    cpu_bf16: bool = False
     step: int = 0
     dist: DistInfo = field(default_factory=DistInfo)
     states: dict[str, Stateful] = field(default_factory=dict)
     stage: str = ""
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """Mixed precision on CUDA when enabled; a no-op on CPU."""
+        """Mixed precision when enabled: float16 on CUDA (``amp``), bfloat16 on CPU (``cpu_bf16``)."""
         if self.amp and self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.float16)
+        if self.cpu_bf16 and self.device.type == "cpu":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def optimize(self, name: str, loss: torch.Tensor) -> None:
@@ -337,12 +345,24 @@ class Trainer:
             optimizers,
             scalers,
             clips,
-            self.tcfg.amp,
-            0,
-            info,
+            amp=self.tcfg.amp,
+            cpu_bf16=self._cpu_bf16(device),
+            step=0,
+            dist=info,
             stage=name,
         )
         return raw, ctx, schedulers
+
+    def _cpu_bf16(self, device: torch.device) -> bool:
+        """``train.cpu_bf16`` where it applies; refused on a CPU without native bfloat16."""
+        if not self.tcfg.cpu_bf16 or device.type != "cpu":
+            return False
+        if not cpu_has_bf16():
+            raise MedistillError(
+                "train.cpu_bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), where bf16 autocast "
+                "is slower than float32; set train.cpu_bf16: false"
+            )
+        return True
 
     # --- the loop ----------------------------------------------------------------------------------
     def fit(self, resume: bool = True, stop_at: int | None = None) -> dict[str, Any]:
@@ -453,6 +473,7 @@ class Trainer:
                 ctx.losses,
                 ctx.distillers,
                 amp=ctx.amp,
+                cpu_bf16=ctx.cpu_bf16,
                 step=step,
                 dist=self.dist,
                 stage=self.stage.name,

@@ -58,6 +58,32 @@ COLOURS = {
     "humeri": (1.0, 0.0, 0.0),
 }
 RASTER_OR_DICOM = (".dcm", ".dicom", ".ima", ".png", ".tif", ".tiff")
+PRIOR = "prior (mean training mask)"
+
+
+def seed_summary(rows: dict[str, dict[str, Any]], keys: list[str]) -> dict[str, dict[str, Any]]:
+    """Rows named ``<setting>_s<k>`` (the same stage trained with seed k) -> per setting, mean and sample SD
+    over its seeds of each of ``keys``; settings with a single seed are left out."""
+    import re
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for name, row in rows.items():
+        m = re.fullmatch(r"(.+)_s\d+", name)
+        if m:
+            groups.setdefault(m.group(1), []).append(row)
+    out: dict[str, dict[str, Any]] = {}
+    for setting, members in groups.items():
+        if len(members) < 2:
+            continue
+        out[setting] = {"n_seeds": len(members)} | {
+            k: {
+                "mean": float(np.mean([r[k] for r in members])),
+                "sd": float(np.std([r[k] for r in members], ddof=1)),
+                "values": [float(r[k]) for r in members],
+            }
+            for k in keys
+        }
+    return out
 
 
 class XrayInfer(StrictModel):
@@ -82,11 +108,35 @@ class RealCase(StrictModel):
     mask: Path = Field(description="2D label map on the image's pixel grid: 0 none, k = k-th of data.classes")
 
 
+class Radiograph(StrictModel):
+    """A real radiograph without a reference mask: segmented by every model in the evaluation (a figure
+    and the anatomical plausibility checks of :func:`medistill.metrics.plausibility.chest_plausibility`)."""
+
+    file: Path = Field(description="the file (a path, or a file name inside `example`)")
+    example: str | None = Field(None, description="example set holding `file` (e.g. radiographs)")
+
+    def path(self) -> Path:
+        if self.example is None:
+            return Path(self.file)
+        from medistill.io.examples import example_file
+
+        return example_file(self.example, str(self.file))
+
+
 class XrayConfig(ExperimentConfig):
     task: str = "xray_bones"
     data: XrayData = XrayData()
     infer: XrayInfer = XrayInfer()
     real_cases: list[RealCase] = Field([], description="optional labelled real radiographs to evaluate")
+    radiographs: list[Radiograph] = Field(
+        [], description="real radiographs without labels, segmented by every model for the report"
+    )
+    unseen_patient: str | None = Field(
+        "chest-ct-2",
+        description="example set of another patient's labelled chest CT: DRRs at the test poses, evaluated "
+        "on the classes it labels (never trained on); null to skip",
+    )
+    bench_size: int = Field(512, ge=16, description="radiograph side (pixels) that `medistill bench` times")
 
     @model_validator(mode="after")
     def _check(self) -> XrayConfig:
@@ -179,8 +229,9 @@ class XrayBonesTask(Task):
         """Cached DRR splits (rendered on first use into ``RUN/drr/``)."""
         if self._renders is None:
             d = self.cfg.data
+            seed = self.cfg.seed if d.pose_seed is None else d.pose_seed
             self._renders = load_or_render(
-                self.run_dir / "drr", d, self.cfg.seed, self.sources(), progress=self.cfg.train.progress
+                self.run_dir / "drr", d, seed, self.sources(), progress=self.cfg.train.progress
             )
         return self._renders
 
@@ -231,9 +282,12 @@ class XrayBonesTask(Task):
         return {"image": self.dataset("val", self.method_of(stage))[0]["image"][None]}
 
     def whole_input(self, stage: str, model: str) -> tuple[str, dict[str, torch.Tensor]]:
-        size = self.cfg.data.size
+        """One held-out DRR resized to ``bench_size`` (the cost of a deployed radiograph of that size)."""
+        size = self.cfg.bench_size
         x = self.dataset("test", self.method_of(stage))[0]["image"][None]
-        return f"one held-out DRR at {size}x{size} ({self.pixel_mm:.2f} mm pixels)", {"image": x}
+        if x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        return f"one held-out DRR resized to {size}x{size}", {"image": x}
 
     @torch.no_grad()
     def predict_probs(self, net: torch.nn.Module, inputs: np.ndarray, batch: int = 8) -> np.ndarray:
@@ -247,16 +301,19 @@ class XrayBonesTask(Task):
 
     def evaluate(self, out_dir: Path) -> dict[str, Any]:
         """Per-class Dice (binary masks) on the held-out-pose test DRRs for every trained stage, next to the
-        prior baseline (mean training mask >= 0.5, no image), plus a DRR | label | prediction figure."""
+        prior baseline (mean training mask >= 0.5, no image); the same on DRRs of an unseen patient
+        (``unseen_patient``); stages that differ only by seed (``<name>_s<k>``) summarised as mean +- SD
+        over seeds; real radiographs segmented by every model with plausibility checks; figures."""
         models = {st: self.stage_model(st) for st in self.stage_names()}
         if not models:
             raise MedistillError(f"{self.run_dir}: no trained stage (run `medistill train` first)")
+        out_dir = Path(out_dir)
         r = self.renders()
         truth = r["test"]["masks"].astype(bool)
         prior = r["train"]["masks"].mean(0) >= 0.5
         prior_row = self._dice_row(np.broadcast_to(prior, truth.shape), truth)
-        cases: dict[str, dict[str, float]] = {"prior (mean training mask)": prior_row}
-        tuned: dict[str, dict[str, float]] = {"prior (mean training mask)": prior_row}
+        cases: dict[str, dict[str, float]] = {PRIOR: prior_row}
+        tuned: dict[str, dict[str, float]] = {PRIOR: prior_row}
         thresholds: dict[str, list[float]] = {}
         preds: dict[str, np.ndarray] = {}
         inputs: dict[str, np.ndarray] = {}
@@ -271,13 +328,27 @@ class XrayBonesTask(Task):
             thresholds[name] = best.tolist()
             tuned[row] = self._dice_row(probs >= best[:, None, None], truth)
             preds[name] = probs >= self.thresholds(name, net)[:, None, None]
+        tables = [self._dice_table("Held-out poses: Dice per class", self._heldout_note(), tuned)]
+        seeds = seed_summary(tuned, ["mean", *self.classes])
+        if seeds:
+            tables.append(self._seed_table(seeds))
+        figures = [str(self._training_figure(out_dir / "training_drrs.png"))]
+        unseen: dict[str, Any] = {}
+        if self.cfg.unseen_patient:
+            unseen, table, fig = self._evaluate_unseen(models, prior, out_dir)
+            tables.append(table)
+            figures.append(str(fig))
+        real: dict[str, Any] = {}
+        if self.cfg.radiographs:
+            real, table, figs = self._evaluate_radiographs(models, out_dir)
+            tables.append(table)
+            figures += [str(f) for f in figs]
         for case in self.cfg.real_cases:
             img, known, ref = self.read_labelled(case)
             for name, net in models.items():
                 pred = self.segment(name, net, img, known, Path(case.image))
                 row = f"real {Path(case.image).name} / {name}"
                 cases[row] = self._dice_row(pred[None], ref[None])
-        poses = json.loads(str(r["test"]["poses"]))
         table = self._markdown(cases)
         table_tuned = self._markdown(tuned)
         (Path(out_dir) / "dice_table.md").write_text(
@@ -286,21 +357,161 @@ class XrayBonesTask(Task):
             + "\nPer-class thresholds chosen on the validation DRRs:\n\n"
             + table_tuned
         )
-        figures = [str(self._heldout_figure(preds, Path(out_dir) / "heldout_grid.png"))] if preds else []
-        obl = [max(abs(p["angles_deg"][0]), abs(p["angles_deg"][1])) for p in poses]
+        figures.insert(1, str(self._heldout_figure(preds, out_dir / "heldout_grid.png")))
         return {
             "cases": cases,
-            "note": (
-                f"Dice per class on {len(truth)} DRRs of one CT at held-out poses "
-                f"(obliquity {min(obl):.1f}-{max(obl):.1f} deg; "
-                f"training < {self.cfg.data.train_poses.obliquity_deg[1]:g})"
-            ),
+            "note": self._heldout_note() + "; threshold 0.5",
             "table_markdown": table,
             "cases_val_thresholds": tuned,
             "table_markdown_val_thresholds": table_tuned,
             "val_thresholds": thresholds,
+            "seeds": seeds,
+            "unseen_patient": unseen,
+            "radiographs": real,
+            "tables": tables,
             "figures": figures,
         }
+
+    def _heldout_note(self) -> str:
+        poses = json.loads(str(self.renders()["test"]["poses"]))
+        obl = [max(abs(p["angles_deg"][0]), abs(p["angles_deg"][1])) for p in poses]
+        return (
+            f"Dice per class on {len(poses)} DRRs of one CT (chest-ct) at held-out poses "
+            f"(obliquity {min(obl):.1f}-{max(obl):.1f} deg; training < "
+            f"{self.cfg.data.train_poses.obliquity_deg[1]:g}), {self.cfg.data.size} x {self.cfg.data.size} "
+            f"at {self.pixel_mm:.2f} mm; per-class thresholds chosen on the validation DRRs; 'mean' is over "
+            "the classes, its SD over images; a missed or hallucinated class scores 0"
+        )
+
+    def _dice_table(
+        self, title: str, note: str, rows: dict[str, dict[str, float]], classes: list[str] | None = None
+    ) -> dict[str, Any]:
+        """A report table ``{title, note, header, rows}`` of Dice rows (model x class, mean, counts)."""
+        classes = classes or self.classes
+        header = ["model", *classes, "mean", "SD over images", "n images", "misses", "false positives"]
+        body = [
+            [name, *(r[c] for c in classes), r["mean"], r["mean_sd"], r["n_cases"], r["misses"],
+             r["false_positives"]]
+            for name, r in rows.items()
+        ]  # fmt: skip
+        return {"title": title, "note": note, "header": header, "rows": body}
+
+    def _seed_table(self, seeds: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        cols = ["mean", *self.classes]
+        body = [
+            [name, s["n_seeds"], *(f"{s[c]['mean']:.3f} ± {s[c]['sd']:.3f}" for c in cols)]
+            for name, s in seeds.items()
+        ]
+        return {
+            "title": "Held-out poses: mean ± SD over seeds",
+            "note": "Stages that differ only by their seed (<name>_s<k>): each seed's Dice (held-out poses, "
+            "validation thresholds), then mean ± SD over the seeds (sample SD).",
+            "header": ["setting", "seeds", *cols],
+            "rows": body,
+        }
+
+    def _training_figure(self, out: Path, n: int = 8) -> Path:
+        """Training DRRs as the network sees them (augmented, pre-processed as ``infer.stage``), labelled."""
+        ds = self.dataset("train", self.method_of(self.infer_stage()), augment=True)
+        rng = np.random.default_rng(0)
+        idx = np.linspace(0, len(ds) - 1, min(n, len(ds))).astype(int)
+        panels = []
+        for i in idx:
+            item = ds.get(int(i), rng)
+            img = item["image"][0].numpy()
+            img = (img - img.min()) / max(float(img.max() - img.min()), 1e-6)
+            panels.append((f"training DRR {i}", overlay(img, item["masks"].numpy() > 0.5, self.classes)))
+        half = (len(panels) + 1) // 2
+        return save_overlay_grid([panels[:half], panels[half:]], self.classes, out)
+
+    def _evaluate_unseen(
+        self, models: dict[str, torch.nn.Module], prior: np.ndarray, out_dir: Path
+    ) -> tuple[dict[str, Any], dict[str, Any], Path]:
+        """Dice on DRRs of another patient (classes it labels only), next to the chest-ct prior."""
+        from medistill.tasks.xray_unseen import unseen_renders
+
+        d = self.cfg.data
+        seed = self.cfg.seed if d.pose_seed is None else d.pose_seed
+        u = unseen_renders(self.run_dir / "drr", d, seed)
+        known = list(u["known"])
+        idx = [self.classes.index(c) for c in known]
+        truth = u["masks"].astype(bool)[:, idx]
+        rows = {PRIOR: self._dice_row_of(np.broadcast_to(prior[idx], truth.shape), truth, known)}
+        preds = {}
+        for name, net in models.items():
+            method = self.method_of(name)
+            x = np.stack(
+                [prepare_input(window(li, d.window_percentiles), method) for li in u["line_integral"]]
+            )
+            probs = self.predict_probs(net, x)
+            preds[name] = probs >= self.thresholds(name, net)[:, None, None]
+            rows[name] = self._dice_row_of(preds[name][:, idx], truth, known)
+        note = (
+            f"Dice on {len(truth)} DRRs of {self.cfg.unseen_patient} (another patient, never trained on) at "
+            f"the test poses, for the classes it labels ({', '.join(known)}); prior: chest-ct training masks"
+        )
+        titles = [f"{self.cfg.unseen_patient} DRR {i}" for i in range(len(truth))]
+        fig = self._grid_of(u, preds, out_dir / "unseen_patient_grid.png", titles)
+        return rows, self._dice_table(f"Unseen patient ({self.cfg.unseen_patient})", note, rows, known), fig
+
+    def _dice_row_of(self, pred: np.ndarray, truth: np.ndarray, names: list[str]) -> dict[str, float | int]:
+        return summary_row(summarise_batch(pred, truth, names))
+
+    def _grid_of(
+        self, r: dict[str, Any], preds: dict[str, np.ndarray], out: Path, titles: list[str], n: int = 3
+    ) -> Path:
+        """DRR | label | up to three models' predictions (of ``infer.stage``'s pre-processing first) for ``n``
+        images of a render set ``r`` (``line_integral``, ``masks``), titled by ``titles``."""
+        m = self.method_of(self.infer_stage())
+        shown = [k for k in preds if self.method_of(k) == m][:3] or list(preds)[:3]
+        rows = []
+        for i in np.linspace(0, len(r["masks"]) - 1, min(n, len(r["masks"]))).astype(int):
+            img = window(r["line_integral"][i], self.cfg.data.window_percentiles)
+            row = [
+                (titles[i], np.repeat(img[..., None], 3, 2)),
+                ("label", overlay(img, r["masks"][i], self.classes)),
+            ]
+            row += [(k, overlay(img, preds[k][i], self.classes)) for k in shown]
+            rows.append(row)
+        return save_overlay_grid(rows, self.classes, out)
+
+    def _evaluate_radiographs(
+        self, models: dict[str, torch.nn.Module], out_dir: Path
+    ) -> tuple[dict[str, Any], dict[str, Any], list[Path]]:
+        """Every model on every configured real radiograph: a figure per radiograph (a panel per model) and
+        the plausibility checks (lung fields, heart position) per model."""
+        from medistill.metrics.plausibility import chest_plausibility
+
+        results: dict[str, Any] = {}
+        body, figs = [], []
+        for ref in self.cfg.radiographs:
+            src = ref.path()
+            img, known = self.read_input(src)
+            full01 = window(img.array.astype(np.float64), self.cfg.data.window_percentiles)
+            step = -(-max(img.shape) // 800)
+            small = full01[::step, ::step]
+            panels = [(src.name, np.repeat(small[..., None], 3, 2))]
+            for name, net in models.items():
+                masks = self.segment(name, net, img, known, src)
+                check = chest_plausibility(dict(zip(self.classes, masks, strict=True)))
+                results[f"{src.name} / {name}"] = check
+                body.append([src.name, name, "yes" if check["plausible"] else "no",
+                             ", ".join(k for k, v in check["checks"].items() if not v) or "-",
+                             *(float(m.mean()) for m in masks)])  # fmt: skip
+                panels.append((name, overlay(small, masks[:, ::step, ::step], self.classes)))
+            rows = [panels[i : i + 4] for i in range(0, len(panels), 4)]
+            figs.append(
+                save_overlay_grid(rows, self.classes, out_dir / f"radiograph_{src.name.split('.')[0]}.png")
+            )
+        table = {
+            "title": "Real radiographs (no reference mask)",
+            "note": "Each model on each radiograph; 'plausible': both lung fields found in the right halves "
+            "with a sensible area, the heart between them towards the patient's left "
+            "(medistill.metrics.plausibility). Then the fraction of the image each class covers.",
+            "header": ["radiograph", "model", "plausible", "failed checks", *self.classes],
+            "rows": body,
+        }
+        return results, table, figs
 
     def _dice_row(self, pred: np.ndarray, truth: np.ndarray) -> dict[str, float | int]:
         """``N C H W`` masks: per class the mean Dice over images (a missed or hallucinated class scores 0,
@@ -312,22 +523,12 @@ class XrayBonesTask(Task):
 
     def _heldout_figure(self, preds: dict[str, np.ndarray], out: Path, n: int = 4) -> Path:
         r = self.renders()["test"]
-        m = self.method_of(self.infer_stage())
         poses = json.loads(str(r["poses"]))
-        idx = np.linspace(0, len(r["masks"]) - 1, min(n, len(r["masks"]))).astype(int)
-        shown = [k for k in preds if self.method_of(k) == m][:3] or list(preds)[:3]
-        rows = []
-        for i in idx:
-            img = window(r["line_integral"][i], self.cfg.data.window_percentiles)
-            p = poses[i]
-            title = f"{p['view'].upper()} rot {p['angles_deg'][0]:+.1f} tilt {p['angles_deg'][1]:+.1f}"
-            row = [
-                (f"DRR {title}", np.repeat(img[..., None], 3, 2)),
-                ("label", overlay(img, r["masks"][i], self.classes)),
-            ]
-            row += [(k, overlay(img, preds[k][i], self.classes)) for k in shown]
-            rows.append(row)
-        return save_overlay_grid(rows, self.classes, out)
+        titles = [
+            f"DRR {p['view'].upper()} rot {p['angles_deg'][0]:+.1f} tilt {p['angles_deg'][1]:+.1f}"
+            for p in poses
+        ]
+        return self._grid_of(r, preds, out, titles, n)
 
     # --- real radiographs ------------------------------------------------------------------------
     def read_input(self, src: Path) -> tuple[Image, bool]:

@@ -111,6 +111,11 @@ class XrayData(StrictModel):
     volume_step: tuple[int, int, int] = Field(
         (4, 4, 1), description="CT voxels per rendering voxel along each axis (HU averaged, labels nearest)"
     )
+    pose_seed: int | None = Field(
+        None,
+        description="seed of the DRR poses (default: the experiment seed); fix it so that stages trained "
+        "with other seeds (`set: {seed: N}`) share one rendered set",
+    )
     n_train: int = Field(48, ge=1)
     n_val: int = Field(8, ge=1)
     n_test: int = Field(16, ge=1)
@@ -282,7 +287,9 @@ def render(volume: Volume, poses: list[dict[str, Any]], size: int, field_mm: flo
 
 def cache_key(d: XrayData, split: str, seed: int, sources: tuple[Path, ...]) -> str:
     """Hash of everything that determines a split's renders (so a config or renderer change re-renders)."""
-    fields = d.model_dump(mode="json", exclude={"augment", "window_percentiles", "preprocessing"})
+    fields = d.model_dump(
+        mode="json", exclude={"augment", "window_percentiles", "preprocessing", "pose_seed"}
+    )
     blob = json.dumps([RENDER_VERSION, fields, split, seed, [str(s) for s in sources]], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -294,14 +301,22 @@ def split_poses(d: XrayData, split: str, seed: int) -> list[dict[str, Any]]:
     return sample_poses(n, ranges, np.random.default_rng([seed, ("train", "val", "test").index(split)]))
 
 
+#: The last loaded render set, keyed by its files: the stages of a run (one task per pre-processing or
+#: seed) share one copy in memory instead of one each (thousands of 256 x 256 DRRs are gigabytes).
+_LOADED: dict[tuple[str, ...], dict[str, dict[str, np.ndarray]]] = {}
+
+
 def load_or_render(
     cache_dir: Path, d: XrayData, seed: int, sources: tuple[Path, Path, Path], progress: bool = False
 ) -> dict[str, dict[str, np.ndarray]]:
     """``{split: {"line_integral", "masks", "poses"}}``, rendered once and cached as ``split-<hash>.npz``."""
+    paths = {s: cache_dir / f"{s}-{cache_key(d, s, seed, sources)}.npz" for s in ("train", "val", "test")}
+    key = tuple(str(p.resolve()) for p in paths.values())
+    if key in _LOADED:
+        return _LOADED[key]
     out: dict[str, dict[str, np.ndarray]] = {}
     todo = []
-    for split in ("train", "val", "test"):
-        path = cache_dir / f"{split}-{cache_key(d, split, seed, sources)}.npz"
+    for split, path in paths.items():
         if path.exists():
             with np.load(path) as z:
                 out[split] = {k: z[k] for k in z.files}
@@ -323,6 +338,8 @@ def load_or_render(
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 np.savez_compressed(f, **out[split])
+    _LOADED.clear()
+    _LOADED[key] = out
     return out
 
 
