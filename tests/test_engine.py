@@ -159,3 +159,4 @@ def test_cpu_bf16_runs_forward_passes_in_bfloat16_or_is_refused(tmp_path: Path, 
     monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: False)
     with pytest.raises(MedistillError, match="train.cpu_bf16: this CPU has no native bfloat16"):
         fit(cfg, tmp_path / "refused")
+    fit(toy_cfg(steps=4, cpu_bf16="auto"), tmp_path / "auto")  # 'auto' falls back to float32 there

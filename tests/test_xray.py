@@ -115,10 +115,9 @@ TINY = [
     "data.n_train=8",
     "data.n_val=2",
     "data.n_test=4",
-    "stages.none_teacher.models.net.args.features=[8,16,32]",
-    "stages.none_teacher.steps=40",
-    "stages.none_student_kd.models.net.args.features=[4,8,16]",
-    "stages.none_student.models.net.args.features=[4,8,16]",
+    "stages.teacher.models.net.args.features=[8,16,32]",
+    "stages.student.models.net.args.features=[4,8,16]",
+    "stages.student_nokd.models.net.args.features=[4,8,16]",
     "train.steps=40",
     "train.batch_size=4",
     "train.lr=0.01",
@@ -126,20 +125,27 @@ TINY = [
     "train.checkpoint_every=40",
     "train.num_workers=0",
     "train.progress=false",
+    "bench_size=128",
 ]
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny teacher -> student+KD -> student run on DRRs of the real chest-ct (64x64, 40 steps each):
-    the preset's three ``none`` stages."""
+    """The demo pipeline in miniature (64x64 DRRs of the real chest-ct, 40 steps per stage): teacher ->
+    student with logit KD (+ CAKD here) and the same student without KD; exported, benchmarked, evaluated
+    on held-out poses, on chest-ct-2 and on RG1, reported."""
     require_example("chest-ct")
+    require_example("chest-ct-2")
+    require_example("radiographs")
     folder = tmp_path_factory.mktemp("xray")
-    raw = yaml.safe_load(Path("configs/xray_bones.yaml").read_text())
-    raw["stages"] = [st for st in raw["stages"] if st["name"].startswith("none_")]
+    raw = yaml.safe_load(Path("configs/demo.yaml").read_text())
+    student = raw["stages"][1]
+    student["distillers"]["cakd"] = {"name": "cakd", "weight": 1.0, "args": {"activation": "sigmoid"}}
+    raw["stages"].append({"name": "student_nokd", "models": student["models"], "losses": student["losses"]})
     (folder / "tiny.yaml").write_text(yaml.safe_dump(raw))
     run = folder / "run"
-    main(["run", str(folder / "tiny.yaml"), "--out", str(run), *[x for s in TINY for x in ("--set", s)]])
+    args = ["run", str(folder / "tiny.yaml"), "--out", str(run), "--export", "--bench"]
+    main([*args, *[x for s in TINY for x in ("--set", s)]])
     return run
 
 
@@ -149,23 +155,23 @@ def test_tiny_run_learns_and_distils(tiny_run: Path) -> None:
 
     result = json.loads((tiny_run / "eval" / "metrics.json").read_text())
     cases = result["cases"]
-    assert set(cases) == {"prior (mean training mask)", "none_teacher", "none_student_kd", "none_student"}
+    assert set(cases) == {"prior (mean training mask)", "teacher", "student", "student_nokd"}
     # learning: the trained teacher beats the same network untrained by a wide margin
     task = open_run(tiny_run)
     inputs = task.dataset("test", "none")._fixed
     truth = task.renders()["test"]["masks"].astype(bool)
     base = {}
-    for stage in ("none_teacher", "none_student"):
+    for stage in ("teacher", "student"):
         torch.manual_seed(0)
         spec = task.runner.stage(stage).models["net"]
         untrained = task.build_model("net", spec).eval()
         base[stage] = task._dice_row(task.predict_probs(untrained, inputs) >= 0.5, truth)["mean"]
     print({k: round(v["mean"], 3) for k, v in cases.items()}, "untrained", base)
-    assert cases["none_teacher"]["mean"] > base["none_teacher"] + 0.2
-    assert cases["none_teacher"]["lungs"] > 0.8  # the stated bound at 64x64 after 40 steps
+    assert cases["teacher"]["mean"] > base["teacher"] + 0.2
+    assert cases["teacher"]["lungs"] > 0.8  # the stated bound at 64x64 after 40 steps
     # the tiny 4-8-16 student learns little in 40 steps, but it does learn, with both KD terms active
-    assert cases["none_student_kd"]["mean"] > base["none_student"] + 0.05
-    kd_lines = (tiny_run / "none_student_kd" / "metrics.jsonl").read_text().splitlines()
+    assert cases["student"]["mean"] > base["student"] + 0.05
+    kd_lines = (tiny_run / "student" / "metrics.jsonl").read_text().splitlines()
     kd_log = [r for r in map(json.loads, kd_lines) if r["phase"] == "train"]
     assert all("loss_kd" in r and "loss_cakd" in r for r in kd_log)
     assert kd_log[-1]["loss_sup"] < kd_log[0]["loss_sup"] and kd_log[-1]["loss_kd"] < kd_log[0]["loss_kd"]
@@ -177,12 +183,57 @@ def test_tiny_run_learns_and_distils(tiny_run: Path) -> None:
             assert np.nonzero(m[i, heart])[1].mean() > np.nonzero(m[i, spine])[1].mean()
     # rendering happens once: the cache is reused
     cached = sorted((tiny_run / "drr").glob("*.npz"))
-    assert len(cached) == 3
+    assert len(cached) == 4  # train, val, test and the unseen patient
     mtimes = [p.stat().st_mtime for p in cached]
     open_run(tiny_run).renders()
     assert [p.stat().st_mtime for p in cached] == mtimes
-    assert (tiny_run / "eval" / "heldout_grid.png").stat().st_size > 20_000
-    assert "| none_teacher |" in (tiny_run / "eval" / "dice_table.md").read_text()
+    for fig in ("heldout_grid", "training_drrs", "unseen_patient_grid", "radiograph_RG1_UNCR"):
+        assert (tiny_run / "eval" / f"{fig}.png").stat().st_size > 20_000, fig
+    assert "| teacher |" in (tiny_run / "eval" / "dice_table.md").read_text()
+
+
+@pytest.mark.slow
+def test_tiny_run_reports_the_unseen_patient_rg1_and_deployment(tiny_run: Path) -> None:
+    """The evaluation scores chest-ct-2 on the classes it labels, checks RG1 per model, and the report
+    holds every table the demo promises (Dice, unseen patient, RG1, ONNX parity, CPU latency)."""
+    result = json.loads((tiny_run / "eval" / "metrics.json").read_text())
+    unseen = result["unseen_patient"]
+    assert set(unseen) == {"prior (mean training mask)", "teacher", "student", "student_nokd"}
+    for row in unseen.values():
+        assert {"ribs", "vertebrae", "lungs"} <= set(row) and "heart" not in row and row["n_cases"] == 4
+    assert set(result["radiographs"]) == {
+        f"RG1_UNCR.dcm / {m}" for m in ("teacher", "student", "student_nokd")
+    }
+    assert all(isinstance(v["plausible"], bool) for v in result["radiographs"].values())
+    titles = [t["title"] for t in result["tables"]]
+    assert titles[0].startswith("Held-out poses") and "Unseen patient (chest-ct-2)" in titles
+    html = (tiny_run / "report.html").read_text()
+    for heading in ("Held-out poses", "Unseen patient", "Real radiographs", "ONNX export", "CPU latency"):
+        assert f"<h2>{heading}" in html, heading
+    profile = json.loads((tiny_run / "bench" / "profile.json").read_text())
+    assert [r["model"] for r in profile["rows"]] == ["teacher.net", "student.net"]
+    assert profile["rows"][0]["whole_inputs"] == {"image": [1, 1, 128, 128]}  # bench_size
+    assert profile["ratios"][1]["params_ratio"] > 2 and profile["ratios"][1]["macs_ratio"] > 2
+    parity = json.loads((tiny_run / "export" / "parity.json").read_text())
+    assert parity["student.net"]["max_abs_diff"] < 1e-3
+    assert parity["student.net"]["inputs"] == {"image": [1, 1, 64, 64]}
+
+
+def test_seed_summary_is_mean_and_sample_sd_over_seed_stages() -> None:
+    from medistill.tasks.xray import seed_summary
+
+    rows = {
+        "teacher": {"mean": 0.9},
+        "kd_s0": {"mean": 0.5},
+        "kd_s1": {"mean": 0.7},
+        "kd_s2": {"mean": 0.6},
+        "alone_s0": {"mean": 0.4},  # one seed: no SD, left out
+    }
+    out = seed_summary(rows, ["mean"])
+    assert set(out) == {"kd"} and out["kd"]["n_seeds"] == 3
+    assert out["kd"]["mean"]["mean"] == pytest.approx(0.6)
+    assert out["kd"]["mean"]["sd"] == pytest.approx(0.1)  # sample SD of 0.5, 0.7, 0.6
+    assert out["kd"]["mean"]["values"] == [0.5, 0.7, 0.6]
 
 
 @pytest.mark.slow
@@ -192,21 +243,11 @@ def test_predict_on_the_real_rg1_radiograph(tiny_run: Path, tmp_path: Path) -> N
     with pytest.warns(UserWarning, match="assuming the image spans the model's 430 mm detector field"):
         main(["predict", str(tiny_run), str(rg1), "--out", str(out)])
     info = json.loads((out / "RG1_UNCR_classes.json").read_text())
-    assert info["pixel_spacing_known"] is False and info["model"] == "none_student_kd"
+    assert info["pixel_spacing_known"] is False and info["model"] == "student"
     assert np.allclose(info["input_mm_per_pixel_used"], 430.0 / 1955)
     lungs = read_image(out / "RG1_UNCR_lungs.png")
     assert lungs.shape == (1955, 1841) and set(np.unique(lungs.array)) <= {0, 255}
     assert (out / "RG1_UNCR_overlay.png").stat().st_size > 20_000
-
-    main(["export", str(tiny_run)])
-    parity = json.loads((tiny_run / "export" / "parity.json").read_text())
-    assert parity["none_student_kd.net"]["max_abs_diff"] < 1e-3
-    assert parity["none_student_kd.net"]["inputs"] == {"image": [1, 1, 64, 64]}
-
-    main(["bench", str(tiny_run), "--repeats", "5"])
-    profile = json.loads((tiny_run / "bench" / "profile.json").read_text())
-    assert [r["model"] for r in profile["rows"]] == ["none_teacher.net", "none_student_kd.net"]
-    assert profile["ratios"][1]["params_ratio"] > 2 and profile["ratios"][1]["macs_ratio"] > 2
 
 
 @pytest.mark.slow

@@ -35,10 +35,11 @@ class TrainConfig(StrictModel):
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm per optimizer; null = off")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
-    cpu_bf16: bool = Field(
+    cpu_bf16: bool | Literal["auto"] = Field(
         False,
         description="bfloat16 autocast of the forward passes on CPU (about 2x on CPUs with AVX512-BF16 or "
-        "AMX; refused where the CPU lacks native bf16, where it would be slower); losses stay fp32",
+        "AMX; losses stay fp32): true refuses a CPU without native bf16 (it would be slower there), 'auto' "
+        "uses it only where native",
     )
     val_every: int = Field(100, gt=0)
     log_every: int = Field(10, gt=0)

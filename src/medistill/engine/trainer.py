@@ -354,9 +354,11 @@ class Trainer:
         return raw, ctx, schedulers
 
     def _cpu_bf16(self, device: torch.device) -> bool:
-        """``train.cpu_bf16`` where it applies; refused on a CPU without native bfloat16."""
+        """``train.cpu_bf16`` where it applies: ``auto`` where native, ``true`` refused elsewhere."""
         if not self.tcfg.cpu_bf16 or device.type != "cpu":
             return False
+        if self.tcfg.cpu_bf16 == "auto":
+            return cpu_has_bf16()
         if not cpu_has_bf16():
             raise MedistillError(
                 "train.cpu_bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), where bf16 autocast "

@@ -131,7 +131,7 @@ class XrayConfig(ExperimentConfig):
     radiographs: list[Radiograph] = Field(
         [], description="real radiographs without labels, segmented by every model for the report"
     )
-    unseen_patient: str | None = Field(
+    unseen_patient: Literal["chest-ct-2"] | None = Field(
         "chest-ct-2",
         description="example set of another patient's labelled chest CT: DRRs at the test poses, evaluated "
         "on the classes it labels (never trained on); null to skip",
@@ -311,7 +311,7 @@ class XrayBonesTask(Task):
         r = self.renders()
         truth = r["test"]["masks"].astype(bool)
         prior = r["train"]["masks"].mean(0) >= 0.5
-        prior_row = self._dice_row(np.broadcast_to(prior, truth.shape), truth)
+        prior_row = self._dice_row(np.broadcast_to(prior, truth.shape).copy(), truth)
         cases: dict[str, dict[str, float]] = {PRIOR: prior_row}
         tuned: dict[str, dict[str, float]] = {PRIOR: prior_row}
         thresholds: dict[str, list[float]] = {}
@@ -436,7 +436,7 @@ class XrayBonesTask(Task):
         known = list(u["known"])
         idx = [self.classes.index(c) for c in known]
         truth = u["masks"].astype(bool)[:, idx]
-        rows = {PRIOR: self._dice_row_of(np.broadcast_to(prior[idx], truth.shape), truth, known)}
+        rows = {PRIOR: self._dice_row_of(np.broadcast_to(prior[idx], truth.shape).copy(), truth, known)}
         preds = {}
         for name, net in models.items():
             method = self.method_of(name)
