@@ -90,14 +90,17 @@ def evaluate(run: Path = typer.Argument(..., help="run folder")) -> None:
 @app.command()
 def predict(
     run: Path = typer.Argument(..., help="run folder"),
-    input: Path | None = typer.Argument(None, help="image to process (NIfTI, MHA, NRRD, DICOM)"),
+    input: Path | None = typer.Argument(
+        None, help="image to process (NIfTI, MHA, NRRD, DICOM), or a folder of radiographs (xray_bones)"
+    ),
     out: Path = typer.Option(..., "--out", help="output file (e.g. pred.nii.gz), or folder for a pair"),
     fixed: Path | None = typer.Option(None, "--fixed", help="registration: the fixed image (output grid)"),
     moving: Path | None = typer.Option(None, "--moving", help="registration: the moving image"),
     moving_labels: Path | None = typer.Option(None, "--moving-labels", help="registration: labels to warp"),
 ) -> None:
     """Run the trained model on INPUT (or register --moving to --fixed) and write the result in the input's
-    (the fixed image's) geometry."""
+    (the fixed image's) geometry. For a task that writes a folder per input (xray_bones), INPUT may be a
+    folder: every radiograph in it goes to OUT/<stem>/, with OUT/summary.json."""
     pair = fixed is not None or moving is not None
     if pair and (fixed is None or moving is None or input is not None):
         raise MedistillError("registration needs both --fixed and --moving (and no INPUT)")
@@ -116,7 +119,9 @@ def predict(
         check_output_folder(out, inputs=inputs)
     else:
         check_output_path(out, writes, inputs=inputs)
-    if pair:
+    if writes == "folder" and not pair and input.is_dir() and hasattr(task, "predict_folder"):
+        task.predict_folder(input, out)  # checks the folder and OUT, then loads the model once
+    elif pair:
         if not hasattr(task, "predict_pair"):
             raise MedistillError(f"task {task.cfg.task!r} does not register pairs; give one INPUT")
         task.predict_pair(fixed, moving, out, moving_labels)

@@ -665,23 +665,28 @@ class XrayBonesTask(Task):
         """The stage ``predict`` uses: ``infer.stage``, else the last deployable network's."""
         return self.cfg.infer.stage or self.runner.deployables()[-1][0]
 
-    def predict_file(self, src: Path, dst: Path) -> Path:
-        """Segment one radiograph; write into folder ``dst`` one mask per class ``<stem>_<class>.png`` (0/255
-        on the input's grid; 2D masks overlap, so no single label map), ``<stem>_overlay.png`` and
-        ``<stem>_classes.json`` (class order, model, the pixel spacing used)."""
+    def predict_net(self) -> tuple[str, torch.nn.Module]:
+        """The stage ``predict`` uses and its trained network (loaded once for a whole folder)."""
         key = self.infer_stage()
         if not self.runner.ckpt(key).exists():
             have = ", ".join(self.stage_names()) or "none"
             raise MedistillError(f"{self.run_dir}: stage {key} is not trained (have: {have})")
+        return key, self.stage_model(key)
+
+    def predict_file(self, src: Path, dst: Path, model: tuple[str, torch.nn.Module] | None = None) -> Path:
+        """Segment one radiograph; write into folder ``dst`` one mask per class ``<stem>_<class>.png`` (0/255
+        on the input's grid; 2D masks overlap, so no single label map), ``<stem>_overlay.png`` and
+        ``<stem>_classes.json`` (class order, model, the pixel spacing used). ``model``: ``(stage, net)``
+        from :meth:`predict_net`, when the caller already loaded it."""
+        key, net = model if model is not None else self.predict_net()
         img, known = self.read_input(Path(src))
-        net = self.stage_model(key)
         masks = self.segment(key, net, img, known, Path(src))
         geo_mm = self.input_mm_per_pixel(img, known)
         dst = Path(dst)
         if dst.exists() and not dst.is_dir():
             raise MedistillError(f"--out {dst} is a file; xray_bones writes several files into a folder")
         dst.mkdir(parents=True, exist_ok=True)
-        stem = Path(src).name.split(".")[0]
+        stem = input_stem(Path(src))
         for c, m in zip(self.classes, masks, strict=True):
             write_image(img.with_array(m.astype(np.uint8) * 255), dst / f"{stem}_{c}.png", dtype=np.uint8)
         full01 = window(img.array.astype(np.float64), self.cfg.data.window_percentiles)
@@ -704,3 +709,113 @@ class XrayBonesTask(Task):
         }
         (dst / f"{stem}_classes.json").write_text(json.dumps(info, indent=2) + "\n")
         return dst
+
+    def folder_inputs(self, folder: Path, out: Path) -> list[Path]:
+        """The radiographs in ``folder`` that ``predict`` segments (suffixes :data:`RASTER_OR_DICOM`, sorted,
+        not recursive, hidden files skipped), checked with ``out`` before any work: not empty, one output
+        folder ``out/<stem>`` per input, and no output that could land on an input."""
+        folder, out = Path(folder), Path(out)
+        if not folder.is_dir():
+            raise MedistillError(f"{folder}: not a folder of radiographs")
+        files = sorted(
+            p
+            for p in folder.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(RASTER_OR_DICOM)
+        )
+        if not files:
+            raise MedistillError(
+                f"{folder}: no radiographs in this folder ({' '.join(RASTER_OR_DICOM)}; subfolders are not "
+                "searched)"
+            )
+        seen: dict[str, Path] = {}
+        for p in files:
+            key = input_stem(p).casefold()  # case-insensitive file systems would merge A/ and a/
+            if key in seen:
+                raise MedistillError(
+                    f"{folder}: {seen[key].name} and {p.name} have the same stem, so both would be written "
+                    f"to {out / input_stem(p)}; rename one"
+                )
+            seen[key] = p
+        here, target = folder.resolve(), out.resolve()
+        if target == here:
+            raise MedistillError(f"--out {out} is the input folder; medistill never writes among its inputs")
+        if here in target.parents and target.is_dir():
+            other = sorted(p.name for p in target.iterdir() if not p.is_dir() and p.name != FOLDER_SUMMARY)
+            if other:
+                raise MedistillError(
+                    f"--out {out} lies inside the input folder and already holds other files "
+                    f"({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); choose a new or empty "
+                    "folder"
+                )
+        for p in files:
+            dst = (out / input_stem(p)).resolve()
+            if dst == here or dst in here.parents:
+                raise MedistillError(f"--out {out}: the output folder {dst} of {p.name} is the input folder")
+            if dst.exists() and not dst.is_dir():
+                raise MedistillError(f"--out {out}: {dst} (the output of {p.name}) exists and is a file")
+        return files
+
+    def predict_folder(self, folder: Path, out: Path) -> Path:
+        """Segment every radiograph of ``folder`` (:meth:`folder_inputs`) with one loaded model into
+        ``out/<stem>/`` (as :meth:`predict_file`) and write ``out/summary.json``: per input its output
+        folder, the fraction of the image per class and the anatomical plausibility of the written masks
+        (:func:`medistill.metrics.plausibility.chest_plausibility`; null when the classes lack lungs or
+        heart). A file that fails is recorded with its error and the others go on; the call then fails
+        naming them, after the summary is written."""
+        from medistill.engine.logging import make_progress
+        from medistill.io.atomic import atomic_write_text
+        from medistill.metrics.plausibility import chest_plausibility
+
+        folder, out = Path(folder), Path(out)
+        files = self.folder_inputs(folder, out)
+        judged = {"lungs", "heart"} <= set(self.classes)
+        model = self.predict_net()
+        entries: dict[str, dict[str, Any]] = {}
+        with make_progress(self.cfg.train.progress) as bar:
+            job = bar.add_task("predict", total=len(files), info="")
+            for src in files:
+                bar.update(job, info=src.name)
+                dst, stem = out / input_stem(src), input_stem(src)
+                try:
+                    self.predict_file(src, dst, model=model)
+                except MedistillError as exc:
+                    entries[src.name] = {"output": str(dst), "error": str(exc)}
+                    bar.advance(job)
+                    continue
+                info = json.loads((dst / f"{stem}_classes.json").read_text())
+                masks = {c: read_image(dst / f"{stem}_{c}.png").array > 0 for c in self.classes}
+                entries[src.name] = {
+                    "output": str(dst),
+                    "fraction_of_image_per_class": info["fraction_of_image_per_class"],
+                    "plausibility": chest_plausibility(masks) if judged else None,
+                }
+                bar.advance(job)
+        failed = [name for name, e in entries.items() if "error" in e]
+        summary = {
+            "input_folder": str(folder),
+            "model": model[0],
+            "classes": self.classes,
+            "n_inputs": len(files),
+            "n_failed": len(failed),
+            "n_plausible": sum(
+                bool(e.get("plausibility") and e["plausibility"]["plausible"]) for e in entries.values()
+            ),
+            "files": entries,
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / FOLDER_SUMMARY, json.dumps(summary, indent=2) + "\n")
+        if failed:
+            raise MedistillError(
+                f"{len(failed)} of {len(files)} radiographs in {folder} failed ({', '.join(failed)}); the "
+                f"others are in {out}, the errors in {out / FOLDER_SUMMARY}"
+            )
+        return out
+
+
+#: The summary ``predict`` writes for a folder of radiographs, next to the per-input folders.
+FOLDER_SUMMARY = "summary.json"
+
+
+def input_stem(path: Path) -> str:
+    """What an input's outputs are named after: its file name up to the first dot (``RG1_UNCR.dcm``)."""
+    return path.name.split(".")[0]
