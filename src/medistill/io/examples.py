@@ -31,7 +31,7 @@ from typing import IO, NamedTuple
 
 from medistill.errors import MedistillError
 from medistill.io import example_formats
-from medistill.io.atomic import atomic_path
+from medistill.io.atomic import atomic_path, file_sha256
 
 _CHUNK = 1 << 20
 
@@ -226,14 +226,6 @@ def cache_dir(name: str) -> Path:
     return data_root() / get(name).name
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def file_status(name: str) -> dict[str, str]:
     """Per file: ``"ok"``, ``"missing"`` or ``"bad sha256"`` (tampered or incomplete).
 
@@ -246,7 +238,7 @@ def file_status(name: str) -> dict[str, str]:
         if not path.is_file():
             status[filename] = "missing"
         else:
-            status[filename] = "ok" if _sha256(path) == expected else "bad sha256"
+            status[filename] = "ok" if file_sha256(path, _CHUNK) == expected else "bad sha256"
     for filename in spec.derived:
         status[filename] = "ok" if (folder / filename).is_file() else "missing"
     return status

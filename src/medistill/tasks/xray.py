@@ -616,9 +616,19 @@ class XrayBonesTask(Task):
 
     def val_thresholds(self, name: str, net: torch.nn.Module) -> np.ndarray:
         """Per class, the sigmoid threshold (0.05..0.95) with the best Dice on the validation DRRs (poses of
-        the training range, never the test poses); cached per stage."""
+        the training range, never the test poses); cached per stage in memory and in
+        ``RUN/<stage>/thresholds.json`` next to the checkpoint they belong to (so ``predict`` on a copied run
+        needs no DRRs; a retrained checkpoint invalidates the file by its hash)."""
+        from medistill.io.atomic import atomic_write_text, file_sha256
+
         cache = self.__dict__.setdefault("_val_thresholds", {})
         if name not in cache:
+            path = self.runner.ckpt(name).parent / "thresholds.json"
+            digest = file_sha256(self.runner.ckpt(name))
+            saved = json.loads(path.read_text()) if path.exists() else {}
+            if saved.get("checkpoint_sha256") == digest and saved.get("classes") == self.classes:
+                cache[name] = np.asarray([saved["thresholds"][c] for c in self.classes])
+                return cache[name]
             probs = self.predict_probs(net, self.dataset("val", self.method_of(name))._fixed)  # type: ignore[arg-type]
             truth = self.renders()["val"]["masks"].astype(bool)
             grid = np.round(np.arange(0.05, 0.96, 0.05), 2)
@@ -628,6 +638,13 @@ class XrayBonesTask(Task):
                     for k in range(len(self.classes))
                 ]
             )
+            record = {
+                "checkpoint_sha256": digest,
+                "classes": self.classes,
+                "thresholds": dict(zip(self.classes, cache[name].tolist(), strict=True)),
+                "chosen_on": f"{len(truth)} validation DRRs (training pose range), best Dice per class",
+            }
+            atomic_write_text(path, json.dumps(record, indent=2) + "\n")
         return cache[name]
 
     def thresholds(self, name: str, net: torch.nn.Module) -> np.ndarray:
