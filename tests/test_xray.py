@@ -207,6 +207,8 @@ def test_tiny_run_reports_the_unseen_patient_rg1_and_deployment(tiny_run: Path) 
     assert all(isinstance(v["plausible"], bool) for v in result["radiographs"].values())
     titles = [t["title"] for t in result["tables"]]
     assert titles[0].startswith("Held-out poses") and "Unseen patient (chest-ct-2)" in titles
+    md = (tiny_run / "eval" / "tables.md").read_text()
+    assert all(f"### {t}" in md for t in titles) and "| student_nokd |" in md
     html = (tiny_run / "report.html").read_text()
     for heading in ("Held-out poses", "Unseen patient", "Real radiographs", "ONNX export", "CPU latency"):
         assert f"<h2>{heading}" in html, heading

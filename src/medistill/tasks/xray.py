@@ -61,6 +61,18 @@ RASTER_OR_DICOM = (".dcm", ".dicom", ".ima", ".png", ".tif", ".tiff")
 PRIOR = "prior (mean training mask)"
 
 
+def markdown_table(table: dict[str, Any]) -> str:
+    """A report table ``{title, note, header, rows}`` as Markdown (numbers to 3 decimals)."""
+
+    def cell(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = [f"### {table['title']}", "", table.get("note", ""), ""]
+    lines += ["| " + " | ".join(table["header"]) + " |", "|---" * len(table["header"]) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table["rows"]]
+    return "\n".join(lines) + "\n"
+
+
 def seed_summary(rows: dict[str, dict[str, Any]], keys: list[str]) -> dict[str, dict[str, Any]]:
     """Rows named ``<setting>_s<k>`` (the same stage trained with seed k) -> per setting, mean and sample SD
     over its seeds of each of ``keys``; settings with a single seed are left out."""
@@ -163,15 +175,20 @@ def overlay(image01: np.ndarray, masks: np.ndarray, classes: list[str], alpha: f
     return rgb
 
 
-def save_overlay_grid(rows: list[list[tuple[str, np.ndarray]]], classes: list[str], out: Path) -> Path:
-    """A grid of titled RGB panels (rows of ``(title, H W 3)``) with a class-colour legend."""
+def save_overlay_grid(
+    rows: list[list[tuple[str, np.ndarray]]], classes: list[str], out: Path, panel_in: float = 2.6
+) -> Path:
+    """A grid of titled RGB panels (rows of ``(title, H W 3)``, each ``panel_in`` inches wide) with a
+    class-colour legend."""
     import matplotlib.patches as mpatches
     import matplotlib.pyplot as plt
 
     from medistill.report.figures import save_figure
 
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.6 * n_cols, 2.7 * n_rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(
+        n_rows, n_cols, figsize=(panel_in * n_cols, (panel_in + 0.1) * n_rows + 0.4), squeeze=False
+    )
     for r, row in enumerate(rows):
         for c in range(n_cols):
             ax = axes[r, c]
@@ -357,6 +374,7 @@ class XrayBonesTask(Task):
             + "\nPer-class thresholds chosen on the validation DRRs:\n\n"
             + table_tuned
         )
+        (out_dir / "tables.md").write_text("\n".join(markdown_table(t) for t in tables))
         figures.insert(1, str(self._heldout_figure(preds, out_dir / "heldout_grid.png")))
         return {
             "cases": cases,
@@ -496,13 +514,12 @@ class XrayBonesTask(Task):
                 check = chest_plausibility(dict(zip(self.classes, masks, strict=True)))
                 results[f"{src.name} / {name}"] = check
                 body.append([src.name, name, "yes" if check["plausible"] else "no",
-                             ", ".join(k for k, v in check["checks"].items() if not v) or "-",
+                             ", ".join(check["failed"]) or "-",
                              *(float(m.mean()) for m in masks)])  # fmt: skip
                 panels.append((name, overlay(small, masks[:, ::step, ::step], self.classes)))
-            rows = [panels[i : i + 4] for i in range(0, len(panels), 4)]
-            figs.append(
-                save_overlay_grid(rows, self.classes, out_dir / f"radiograph_{src.name.split('.')[0]}.png")
-            )
+            rows = [panels[i : i + 3] for i in range(0, len(panels), 3)]
+            out = out_dir / f"radiograph_{src.name.split('.')[0]}.png"
+            figs.append(save_overlay_grid(rows, self.classes, out, panel_in=4.5))
         table = {
             "title": "Real radiographs (no reference mask)",
             "note": "Each model on each radiograph; 'plausible': both lung fields found in the right halves "
