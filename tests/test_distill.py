@@ -174,3 +174,24 @@ def test_distill_loss_gives_gradient_to_student_and_none_to_teacher() -> None:
         grad = sum(p.grad.abs().sum() for p in student.parameters() if p.grad is not None)
         assert grad > 0, f"{key} gives no gradient to the student"
     assert all(p.grad is None for p in teacher_net.parameters())
+
+
+def test_soft_dice_kd_is_zero_for_a_confident_match_and_weighs_classes_equally() -> None:
+    from medistill.distill.kd import SoftDiceKD
+
+    kd = SoftDiceKD()
+    assert "soft_dice_kd" in DISTILLERS.names()
+    # a confident teacher (|logit| = 30): the same student scores ~0, an inverted one ~1
+    hard = (torch.rand(2, 3, 16, 16) > 0.5).float() * 60 - 30
+    assert kd([hard], [hard.clone()]).item() == pytest.approx(0.0, abs=2e-3)
+    assert kd([-hard], [hard]).item() == pytest.approx(1.0, abs=1e-2)  # eps = 1 smoothing
+    # class balance: missing half of a 4-pixel class costs as much as missing half of a 128-pixel class
+    teacher = torch.full((1, 2, 16, 16), -30.0)
+    teacher[0, 0, :2, :2] = 30  # 4 pixels
+    teacher[0, 1, :8] = 30  # 128 pixels
+    small, large = teacher.clone(), teacher.clone()
+    small[0, 0, :1, :2] = -30
+    large[0, 1, :4] = -30
+    per_class = 1 - 2 * 2 / (2 + 4)  # soft Dice of half a class (eps aside)
+    assert kd([small], [teacher]).item() == pytest.approx(per_class / 2, abs=0.03)
+    assert kd([large], [teacher]).item() == pytest.approx(per_class / 2, abs=0.01)

@@ -121,6 +121,37 @@ class LogitKD(nn.Module):
         return kd_divergence(s, t, self.temperature, self.mode)
 
 
+def soft_dice_divergence(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mode: str = "sigmoid", eps: float = 1.0
+) -> torch.Tensor:
+    """``1 - soft Dice(p_S, p_T)`` per image and class, averaged: every class weighs the same whatever
+    its area (``B K *S`` logits; ``p = sigmoid(z)`` per channel, or ``softmax`` over ``K``)."""
+    check_same_shape(student_logits, teacher_logits, "soft_dice_kd")
+    act = torch.sigmoid if mode == "sigmoid" else (lambda z: torch.softmax(z, dim=1))
+    ps, pt = act(student_logits.float()), act(teacher_logits.detach().float())
+    dims = tuple(range(2, ps.ndim))
+    inter = (ps * pt).sum(dims)
+    dice = (2 * inter + eps) / (ps.sum(dims) + pt.sum(dims) + eps)
+    return (1 - dice).mean()
+
+
+@DISTILLERS.register("soft_dice_kd")
+class SoftDiceKD(nn.Module):
+    """Class-balanced logit KD: the soft Dice between the student's and the teacher's probabilities
+    (:func:`soft_dice_divergence`), for heads where per-pixel KL is dominated by large classes and the
+    background (a multi-label chest film: lungs cover half the image, clavicles 2 %)."""
+
+    def __init__(self, mode: str = "sigmoid") -> None:
+        super().__init__()
+        if mode not in KD_MODES:
+            raise ValueError(f"KD mode {mode!r} is not one of {KD_MODES}")
+        self.mode = mode
+
+    def forward(self, student_out: Outputs, teacher_out: Outputs, **_extra: Any) -> torch.Tensor:
+        s, t = as_scales(student_out)[0], as_scales(teacher_out)[0]
+        return soft_dice_divergence(s, t, self.mode)
+
+
 @DISTILLERS.register("output_match")
 class OutputMatch(nn.Module):
     """Regression KD: the student's output matches the frozen teacher's, by L1 or mean squared error
