@@ -144,25 +144,22 @@ def _report(run_dir: Path) -> Path:
         p.parent.name if p.parent != run_dir else "model": p.parent for p in run_dir.rglob("metrics.jsonl")
     }
     curves = plot_training_curves(stages, run_dir / "eval" / "curves.png", val_metric=task.val_metric)
-    sections = []
+    extra = [  # the evaluation's own tables ({title, note, header, rows}) come first when it has them
+        Section(t["title"], t.get("note", ""), tables=[(t["header"], t["rows"])])
+        for t in result.get("tables", [])
+    ]
+    every = []
     cases = result.get("cases", {})
     if cases:
         metrics = sorted({k for v in cases.values() for k in v})
-        sections.append(
-            Section(
-                "Test metrics",
-                result.get("note", ""),
-                tables=[
-                    (["case", *metrics], [[c, *(v.get(m, "") for m in metrics)] for c, v in cases.items()])
-                ],
-            )
-        )
-    for extra in result.get("tables", []):  # further tables of the evaluation: {title, note, header, rows}
-        sections.append(
-            Section(extra["title"], extra.get("note", ""), tables=[(extra["header"], extra["rows"])])
-        )
+        rows = [[c, *(v.get(m, "") for m in metrics)] for c, v in cases.items()]
+        title = "Every case and metric" if extra else "Test metrics"
+        every.append(Section(title, result.get("note", ""), tables=[(["case", *metrics], rows)]))
+    sections = extra + ([] if extra else every)
     sections.append(Section("Figures", figures=[Path(f) for f in result.get("figures", [])]))
     sections.extend(_deployment_sections(run_dir))
+    if extra:
+        sections.extend(every)
     sections.append(Section("Training", figures=[curves]))
     sections.append(Section("Configuration", (run_dir / "config.yaml").read_text(), pre=True))
     return write_report(run_dir / "report.html", f"medistill run: {run_dir.name} ({task.cfg.task})", sections)
