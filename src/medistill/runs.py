@@ -45,14 +45,12 @@ def prepare_run(cfg: ExperimentConfig, run_dir: Path, overwrite: bool = False) -
 
 def _same_experiment(old: dict[str, Any], new: dict[str, Any]) -> bool:
     """Whether ``new`` is ``old`` or extends it by stages appended at the end (the trained stages, their
-    order and every other setting unchanged; the exported networks and the one inference uses may then
-    name the new stages)."""
+    order and every other setting unchanged). Which networks are exported and which one inference uses
+    (``export``, ``infer``) may change: they do not change what was trained."""
     old_stages, new_stages = old.get("stages") or [], new.get("stages") or []
     if new_stages[: len(old_stages)] != old_stages:
         return False
     rest = ("stages", "export", "infer")
-    if len(new_stages) == len(old_stages) and any(old.get(k) != new.get(k) for k in rest[1:]):
-        return False
     return {k: v for k, v in old.items() if k not in rest} == {k: v for k, v in new.items() if k not in rest}
 
 
