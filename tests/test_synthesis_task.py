@@ -58,7 +58,7 @@ def tiny_config(folder: Path, mr: Path, ct: Path) -> Path:
             "reference_cache": False,
             "registration": {
                 "spacing_mm": 5.0,
-                "affine_iterations": 30,
+                "affine_iterations": 100,  # converged: head Dice 0.82 (30: 0.74)
                 "bspline_mesh": 2,
                 "bspline_iterations": 3,
             },
