@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from monai.losses import DiceLoss
 from monai.networks.layers.factories import Conv
 from torch import nn
 from torch.nn import functional as F
@@ -127,12 +128,12 @@ def soft_dice_divergence(
     """``1 - soft Dice(p_S, p_T)`` per image and class, averaged: every class weighs the same whatever
     its area (``B K *S`` logits; ``p = sigmoid(z)`` per channel, or ``softmax`` over ``K``)."""
     check_same_shape(student_logits, teacher_logits, "soft_dice_kd")
-    act = torch.sigmoid if mode == "sigmoid" else (lambda z: torch.softmax(z, dim=1))
-    ps, pt = act(student_logits.float()), act(teacher_logits.detach().float())
-    dims = tuple(range(2, ps.ndim))
-    inter = (ps * pt).sum(dims)
-    dice = (2 * inter + eps) / (ps.sum(dims) + pt.sum(dims) + eps)
-    return (1 - dice).mean()
+    sigmoid = mode == "sigmoid"
+    teacher = teacher_logits.detach().float()
+    target = torch.sigmoid(teacher) if sigmoid else torch.softmax(teacher, dim=1)
+    # MONAI's Dice per image and channel, with the teacher's probabilities as a soft target
+    loss = DiceLoss(sigmoid=sigmoid, softmax=not sigmoid, smooth_nr=eps, smooth_dr=eps)
+    return loss(student_logits.float(), target)
 
 
 @DISTILLERS.register("soft_dice_kd")

@@ -26,6 +26,7 @@ Deviations from the original (spec D.8), with the reason:
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -76,8 +77,6 @@ def markdown_table(table: dict[str, Any]) -> str:
 def seed_summary(rows: dict[str, dict[str, Any]], keys: list[str]) -> dict[str, dict[str, Any]]:
     """Rows named ``<setting>_s<k>`` (the same stage trained with seed k) -> per setting, mean and sample SD
     over its seeds of each of ``keys``; settings with a single seed are left out."""
-    import re
-
     groups: dict[str, list[dict[str, Any]]] = {}
     for name, row in rows.items():
         m = re.fullmatch(r"(.+)_s\d+", name)
@@ -242,13 +241,17 @@ class XrayBonesTask(Task):
         )
         return ct, label, names
 
+    @property
+    def pose_seed(self) -> int:
+        """Seed of the DRR poses: ``data.pose_seed``, else the experiment seed."""
+        d = self.cfg.data
+        return self.cfg.seed if d.pose_seed is None else d.pose_seed
+
     def renders(self) -> dict[str, dict[str, np.ndarray]]:
         """Cached DRR splits (rendered on first use into ``RUN/drr/``)."""
         if self._renders is None:
-            d = self.cfg.data
-            seed = self.cfg.seed if d.pose_seed is None else d.pose_seed
             self._renders = load_or_render(
-                self.run_dir / "drr", d, seed, self.sources(), progress=self.cfg.train.progress
+                self.run_dir / "drr", self.cfg.data, self.pose_seed, self.sources(), self.cfg.train.progress
             )
         return self._renders
 
@@ -449,21 +452,19 @@ class XrayBonesTask(Task):
         from medistill.tasks.xray_unseen import unseen_renders
 
         d = self.cfg.data
-        seed = self.cfg.seed if d.pose_seed is None else d.pose_seed
-        u = unseen_renders(self.run_dir / "drr", d, seed)
+        u = unseen_renders(self.run_dir / "drr", d, self.pose_seed)
         known = list(u["known"])
         idx = [self.classes.index(c) for c in known]
         truth = u["masks"].astype(bool)[:, idx]
-        rows = {PRIOR: self._dice_row_of(np.broadcast_to(prior[idx], truth.shape).copy(), truth, known)}
-        preds = {}
+        rows = {PRIOR: self._dice_row(np.broadcast_to(prior[idx], truth.shape).copy(), truth, known)}
+        preds, inputs = {}, {}
         for name, net in models.items():
             method = self.method_of(name)
-            x = np.stack(
-                [prepare_input(window(li, d.window_percentiles), method) for li in u["line_integral"]]
-            )
-            probs = self.predict_probs(net, x)
+            if method not in inputs:  # windowed + pre-processed once per pre-processing, as the test set
+                inputs[method] = DRRSet(u["line_integral"], u["masks"], method, d.window_percentiles)._fixed
+            probs = self.predict_probs(net, inputs[method])
             preds[name] = probs >= self.thresholds(name, net)[:, None, None]
-            rows[name] = self._dice_row_of(preds[name][:, idx], truth, known)
+            rows[name] = self._dice_row(preds[name][:, idx], truth, known)
         note = (
             f"Dice on {len(truth)} DRRs of {self.cfg.unseen_patient} (another patient, never trained on) at "
             f"the test poses, for the classes it labels ({', '.join(known)}); prior: chest-ct training masks"
@@ -471,9 +472,6 @@ class XrayBonesTask(Task):
         titles = [f"{self.cfg.unseen_patient} DRR {i}" for i in range(len(truth))]
         fig = self._grid_of(u, preds, out_dir / "unseen_patient_grid.png", titles)
         return rows, self._dice_table(f"Unseen patient ({self.cfg.unseen_patient})", note, rows, known), fig
-
-    def _dice_row_of(self, pred: np.ndarray, truth: np.ndarray, names: list[str]) -> dict[str, float | int]:
-        return summary_row(summarise_batch(pred, truth, names))
 
     def _grid_of(
         self, r: dict[str, Any], preds: dict[str, np.ndarray], out: Path, titles: list[str], n: int = 3
@@ -530,10 +528,13 @@ class XrayBonesTask(Task):
         }
         return results, table, figs
 
-    def _dice_row(self, pred: np.ndarray, truth: np.ndarray) -> dict[str, float | int]:
-        """``N C H W`` masks: per class the mean Dice over images (a missed or hallucinated class scores 0,
-        empty vs empty is excluded), ``mean`` +- ``mean_sd`` over images, and the counts."""
-        return summary_row(summarise_batch(pred, truth, self.classes))
+    def _dice_row(
+        self, pred: np.ndarray, truth: np.ndarray, names: list[str] | None = None
+    ) -> dict[str, float | int]:
+        """``N C H W`` masks of the classes ``names`` (default all): per class the mean Dice over images (a
+        missed or hallucinated class scores 0, empty vs empty is excluded), ``mean`` +- ``mean_sd`` over
+        images, and the counts."""
+        return summary_row(summarise_batch(pred, truth, names or self.classes))
 
     def _markdown(self, cases: dict[str, dict[str, float | int]]) -> str:
         return rows_markdown(cases, self.classes, unit="images")
