@@ -36,7 +36,7 @@ import typer
 
 from medistill.cli import report_app, simulate_app
 from medistill.errors import MedistillError
-from medistill.io.atomic import atomic_path, atomic_write_text
+from medistill.io.atomic import atomic_savez, atomic_write_text
 from medistill.io.axial import axial_slices
 from medistill.io.checks import check_output_folder, read_ct
 from medistill.io.images import read_image
@@ -242,8 +242,7 @@ def simulate_metal_cmd(
                 ).to(device)
             generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + slice_index)
             arrays = simulate_slice(hu, masks, geometry, scan, generator, baselines)
-            with atomic_path(shard) as tmp, open(tmp, "wb") as f:
-                np.savez_compressed(f, **arrays)
+            atomic_savez(shard, arrays)
         rows.extend(_index_rows(shard, slice_index, arrays))
     if parts == 1:
         _write_index(out / INDEX, rows)

@@ -37,7 +37,7 @@ from scipy import ndimage
 from medistill.config import StrictModel
 from medistill.engine.data import KeyedDataset
 from medistill.errors import MedistillError
-from medistill.io.atomic import atomic_path
+from medistill.io.atomic import atomic_savez
 from medistill.io.images import check_same_grid, read_image
 from medistill.transforms.gradient import prepare_input
 
@@ -335,9 +335,7 @@ def load_or_render(
                 "classes": np.asarray(d.classes),
                 "pixel_mm": np.asarray(d.field_mm / d.size),
             }
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                np.savez_compressed(f, **out[split])
+            atomic_savez(path, out[split])
     _LOADED.clear()
     _LOADED[key] = out
     return out

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from medistill.errors import MedistillError
-from medistill.io.atomic import atomic_path
+from medistill.io.atomic import atomic_savez
 from medistill.tasks import xray_data
 from medistill.tasks.xray_data import Volume, XrayData
 
@@ -159,8 +159,6 @@ def unseen_renders(
         "classes": np.asarray(d.classes),
         "pixel_mm": np.asarray(d.field_mm / d.size),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, **out)
+    atomic_savez(path, out)
     out["known"] = list(known)
     return out
