@@ -242,6 +242,12 @@ def test_seed_summary_is_mean_and_sample_sd_over_seed_stages() -> None:
     assert out["kd"]["mean"]["mean"] == pytest.approx(0.6)
     assert out["kd"]["mean"]["sd"] == pytest.approx(0.1)  # sample SD of 0.5, 0.7, 0.6
     assert out["kd"]["mean"]["values"] == [0.5, 0.7, 0.6]
+    # a stage named <setting> is the run's seed and joins the seeds appended as <setting>_s1, _s2
+    rows |= {"teacher_s1": {"mean": 0.8}, "teacher_s2": {"mean": 0.7}, "kd": {"mean": 0.1}}
+    out = seed_summary(rows, ["mean"])
+    assert out["teacher"]["mean"]["values"] == [0.9, 0.8, 0.7]
+    assert out["kd"]["mean"]["values"] == [0.5, 0.7, 0.6]  # kd_s0 exists: the bare kd is another setting
+    assert seed_summary(rows, ["mean"], base_seed=3)["kd"]["n_seeds"] == 4
 
 
 @pytest.mark.slow

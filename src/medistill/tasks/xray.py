@@ -74,14 +74,21 @@ def markdown_table(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def seed_summary(rows: dict[str, dict[str, Any]], keys: list[str]) -> dict[str, dict[str, Any]]:
+def seed_summary(
+    rows: dict[str, dict[str, Any]], keys: list[str], base_seed: int = 0
+) -> dict[str, dict[str, Any]]:
     """Rows named ``<setting>_s<k>`` (the same stage trained with seed k) -> per setting, mean and sample SD
-    over its seeds of each of ``keys``; settings with a single seed are left out."""
+    over its seeds of each of ``keys``; settings with a single seed are left out. A row named ``<setting>``
+    itself is the run's own seed (``base_seed``): it joins its ``_s<k>`` rows unless ``_s<base_seed>``
+    exists too, so a run grows seeds of a stage by appending ``<stage>_s1``, ``<stage>_s2``."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for name, row in rows.items():
         m = re.fullmatch(r"(.+)_s\d+", name)
         if m:
             groups.setdefault(m.group(1), []).append(row)
+    for setting, members in groups.items():
+        if setting in rows and f"{setting}_s{base_seed}" not in rows:
+            members.insert(0, rows[setting])
     out: dict[str, dict[str, Any]] = {}
     for setting, members in groups.items():
         if len(members) < 2:
@@ -349,7 +356,7 @@ class XrayBonesTask(Task):
             tuned[row] = self._dice_row(probs >= best[:, None, None], truth)
             preds[name] = probs >= self.thresholds(name, net)[:, None, None]
         tables = [self._dice_table("Held-out poses: Dice per class", self._heldout_note(), tuned)]
-        seeds = seed_summary(tuned, ["mean", *self.classes])
+        seeds = seed_summary(tuned, ["mean", *self.classes], self.cfg.seed)
         if seeds:
             tables.append(self._seed_table(seeds))
         figures = [str(self._training_figure(out_dir / "training_drrs.png"))]
@@ -425,8 +432,8 @@ class XrayBonesTask(Task):
         ]
         return {
             "title": "Held-out poses: mean ± SD over seeds",
-            "note": "Stages that differ only by their seed (<name>_s<k>): each seed's Dice (held-out poses, "
-            "validation thresholds), then mean ± SD over the seeds (sample SD).",
+            "note": "Stages that differ only by their seed (<name>_s<k>; <name> itself is the run's seed): each "
+            "seed's Dice (held-out poses, validation thresholds), then mean ± SD over the seeds (sample SD).",
             "header": ["setting", "seeds", *cols],
             "rows": body,
         }
