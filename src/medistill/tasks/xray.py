@@ -432,8 +432,9 @@ class XrayBonesTask(Task):
         ]
         return {
             "title": "Held-out poses: mean ± SD over seeds",
-            "note": "Stages that differ only by their seed (<name>_s<k>; <name> itself is the run's seed): each "
-            "seed's Dice (held-out poses, validation thresholds), then mean ± SD over the seeds (sample SD).",
+            "note": "Stages that differ only by their seed (<name>_s<k>; <name> itself is the run's seed): "
+            "each seed's Dice (held-out poses, validation thresholds), then mean ± SD over the seeds "
+            "(sample SD).",
             "header": ["setting", "seeds", *cols],
             "rows": body,
         }
