@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from monai.networks.layers.factories import Conv
+from monai.networks.layers.factories import Conv, Pool
 from torch import nn
 
 from medistill.registry import NETS
@@ -199,7 +199,11 @@ class AffineStem(nn.Module):
 class LDRStem(nn.Module):
     """The LDR student as the paper describes it: ``4^k`` stride-2 convs ``2 -> f1 .. f4`` with ReLU, then
     transposed convs back up, each after concatenating the encoder's skip, the last one to a 3-channel
-    flow at the input size (linear, near-zero init). Default ``features`` 16, 32, 64, 128."""
+    flow at the input size (linear, near-zero init). Default ``features`` 16, 32, 64, 128.
+
+    ``flow_multiplier`` scales the head's output (voxels per unit of the head): with the head's near-zero
+    start, Adam moves its weights by about the learning rate per step, so without a scale the field grows
+    by a fraction of a voxel in hundreds of steps (VTN multiplies by 20 for the same reason)."""
 
     def __init__(
         self, spatial_dims: int = 3, features: Sequence[int] = (16, 32, 64, 128), flow_multiplier: float = 1.0
@@ -373,13 +377,19 @@ def ldr(
     affine_channels: int = 16,
     affine_levels: int = 4,
     diffeomorphic: bool = False,
+    flow_scale: float = 1.0,
 ) -> CascadeRegistration:
     """The LDR student: ``cascades`` LDR stems (``variant`` "paper": 4^k stride-2 convs with ``features``;
-    "compact": the released code's stem), optionally after a light affine stem, multiplier ``1/cascades``."""
+    "compact": the released code's stem), optionally after a light affine stem, each stem's output
+    multiplied by ``flow_scale / cascades`` (the original: ``flow_scale`` 1, no VTN-like x20; a larger scale
+    lets a near-zero head reach fields of several voxels in a few hundred steps)."""
+    if flow_scale <= 0:
+        raise ValueError(f"ldr: flow_scale must be > 0, got {flow_scale}")
+    mult = flow_scale / cascades
     if variant == "paper":
-        stems: list[nn.Module] = [LDRStem(spatial_dims, features, 1.0 / cascades) for _ in range(cascades)]
+        stems: list[nn.Module] = [LDRStem(spatial_dims, features, mult) for _ in range(cascades)]
     else:
-        stems = [LDRCompactStem(spatial_dims, flow_multiplier=1.0 / cascades) for _ in range(cascades)]
+        stems = [LDRCompactStem(spatial_dims, flow_multiplier=mult) for _ in range(cascades)]
     aff = AffineStem(spatial_dims, affine_channels, affine_levels) if affine else None
     return CascadeRegistration(stems, aff, diffeomorphic)
 
@@ -390,10 +400,22 @@ class FlowCritic(nn.Module):
     conv averaged over space: one unbounded score per sample (a Wasserstein critic is never squashed).
 
     Deviation: the original flattens into a fixed-size linear layer; spatial averaging of a linear map
-    keeps the critic linear in its last layer and independent of the input size."""
+    keeps the critic linear in its last layer and independent of the input size.
 
-    def __init__(self, spatial_dims: int = 3, features: list[int] = [16, 32, 64, 128, 256]) -> None:  # noqa: B006
+    ``pool`` > 1 first averages the field over ``pool^N`` blocks, so the critic judges a coarser field:
+    registration fields are smooth (a block mean keeps their shape), and the critic step's double
+    backward (gradient penalty) costs about ``pool^N`` times less."""
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        features: list[int] = [16, 32, 64, 128, 256],  # noqa: B006 (read only)
+        pool: int = 1,
+    ) -> None:
         super().__init__()
+        if pool < 1:
+            raise ValueError(f"flow_critic: pool must be >= 1, got {pool}")
+        self.pool = Pool[Pool.AVG, spatial_dims](pool) if pool > 1 else nn.Identity()
         layers, cin = [], spatial_dims
         for w in features:
             layers.append(_conv(spatial_dims, cin, w, 4, 2, act=0.2))
@@ -402,7 +424,7 @@ class FlowCritic(nn.Module):
         self.score = Conv[Conv.CONV, spatial_dims](cin, 1, 1)
 
     def forward(self, flow: torch.Tensor) -> torch.Tensor:
-        return self.score(self.body(flow)).flatten(1).mean(1)
+        return self.score(self.body(self.pool(flow))).flatten(1).mean(1)
 
 
 NETS.register("flow_critic")(FlowCritic)
