@@ -37,7 +37,7 @@ def prepare_run(cfg: ExperimentConfig, run_dir: Path, overwrite: bool = False) -
     if overwrite and run_dir.exists():
         for pattern in ("last.pt", "best.pt", "metrics.jsonl", "splits.json"):  # every stage's files
             for p in run_dir.rglob(pattern):
-                p.unlink()
+                p.unlink(missing_ok=True)  # under torchrun every rank deletes the same files at once
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg_path, text)
     return make_task(cfg, run_dir)

@@ -8,10 +8,13 @@ stay plain modules. Rank 0 alone logs and writes checkpoints.
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from medistill.errors import MedistillError
 
 
 @dataclass(frozen=True)
@@ -61,11 +64,33 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo, device: torch.device) -> to
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
+def _check_same_keys(keys: list[str], info: DistInfo, device: torch.device) -> None:
+    """Refuse ranks that would all-reduce different key lists, before they do.
+
+    The reduce pairs values by position, so ranks with other keys average unrelated numbers, or, when
+    their tensors differ in size beyond gloo's small messages, gloo aborts the rank that receives more
+    than it expected (SIGABRT in its I/O thread, no Python error). A fixed-size fingerprint (count and
+    CRC-32 of the names; Python's ``hash`` differs between processes) is compared first.
+    """
+    fingerprint = torch.tensor([len(keys), zlib.crc32("\n".join(keys).encode())], dtype=torch.int64)
+    gathered = [torch.empty_like(fingerprint) for _ in range(info.world_size)]
+    dist.all_gather(gathered, fingerprint.to(device) if device.type == "cuda" else fingerprint)
+    if all(torch.equal(g.cpu(), fingerprint) for g in gathered):
+        return
+    every: list[list[str] | None] = [None] * info.world_size
+    dist.all_gather_object(every, keys)
+    shown = "; ".join(f"rank {r}: {', '.join(k or [])}" for r, k in enumerate(every))
+    raise MedistillError(f"training step logs: ranks log different values ({shown})")
+
+
 def all_reduce_mean(values: dict[str, float], info: DistInfo, device: torch.device) -> dict[str, float]:
-    """Average scalar logs over ranks (so rank 0 logs the global value)."""
-    if not info.enabled or not values:
+    """Average scalar logs over ranks (so rank 0 logs the global value); every rank must log the same keys."""
+    if not info.enabled:
         return values
     keys = sorted(values)
+    _check_same_keys(keys, info, device)
+    if not keys:
+        return values
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     t /= info.world_size
