@@ -76,8 +76,8 @@ def _logs_worker(rank: int, port: int, cases: list[list[list[str]]], out: mp.Que
 
 
 def test_log_averaging_is_the_mean_over_ranks_and_refuses_ranks_with_other_keys() -> None:
-    # rank 1 logs one key more in the second case: without the check gloo pairs 'loss' with 'dice' and
-    # 'loss_kd' with 'loss' (sizes 2 and 3) silently; a larger mismatch aborts the receiving rank
+    # rank 1 logs one key more in the second case: without the check, gloo pairs 'loss' with 'dice' and
+    # 'loss_kd' with 'loss' (2 and 3 values) silently; 5 against 8 values kill one rank with SIGABRT
     cases = [[["loss", "loss_kd"], ["loss_kd", "loss"]], [["loss", "loss_kd"], ["dice", "loss", "loss_kd"]]]
     out = mp.get_context("spawn").Queue()
     mp.spawn(_logs_worker, args=(_free_port(), cases, out), nprocs=2, join=True)

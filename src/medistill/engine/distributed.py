@@ -72,10 +72,11 @@ def _check_same_keys(keys: list[str], info: DistInfo, device: torch.device) -> N
     than it expected (SIGABRT in its I/O thread, no Python error). A fixed-size fingerprint (count and
     CRC-32 of the names; Python's ``hash`` differs between processes) is compared first.
     """
-    fingerprint = torch.tensor([len(keys), zlib.crc32("\n".join(keys).encode())], dtype=torch.int64)
+    crc = zlib.crc32("\n".join(keys).encode())
+    fingerprint = torch.tensor([len(keys), crc], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(fingerprint) for _ in range(info.world_size)]
-    dist.all_gather(gathered, fingerprint.to(device) if device.type == "cuda" else fingerprint)
-    if all(torch.equal(g.cpu(), fingerprint) for g in gathered):
+    dist.all_gather(gathered, fingerprint)
+    if all(torch.equal(g, fingerprint) for g in gathered):
         return
     every: list[list[str] | None] = [None] * info.world_size
     dist.all_gather_object(every, keys)
