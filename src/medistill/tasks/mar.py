@@ -78,12 +78,21 @@ class MARConfig(ExperimentConfig):
 class ResidualMAR(nn.Module):
     """``x[:, base] + net(x)``: the wrapped network predicts the correction of the LI (or artifact) channel.
 
+    The output convolution starts at zero, so an untrained model returns the LI image exactly: a
+    randomly initialised head adds a correction of ~100 HU that training first has to unlearn (with it
+    the quick preset's students ended below LI).
+
     ``x``: ``B C H W`` in ``HU / 1000``; output ``B 1 H W`` in the same unit."""
 
     def __init__(self, net: nn.Module, base_channel: int) -> None:
         super().__init__()
         self.net, self.base = net, base_channel
         self.divisor = getattr(net, "divisor", 1)
+        convs = [m for m in net.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+        for head in getattr(net, "heads", convs[-1:]):
+            nn.init.zeros_(head.weight)
+            if head.bias is not None:
+                nn.init.zeros_(head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, self.base : self.base + 1] + self.net(x)
