@@ -246,3 +246,20 @@ def test_pooled_critic_scores_the_block_mean_of_the_field() -> None:
     torch.testing.assert_close(pooled(u), plain(block_mean))
     smooth = torch.ones(1, 3, 16, 16, 16)  # a constant field is its own block mean
     torch.testing.assert_close(pooled(smooth), plain(smooth[..., ::2, ::2, ::2]))
+
+
+class _MeanCritic(torch.nn.Module):
+    """``D(phi) = mean(phi)``: gradient 1 / n everywhere, L2 norm 1 / sqrt(n), RMS-Lipschitz constant 1."""
+
+    def forward(self, flow: torch.Tensor) -> torch.Tensor:
+        return flow.flatten(1).mean(1)
+
+
+def test_aldk_gradient_penalty_in_l2_or_rms_units() -> None:
+    teacher, student = torch.randn(2, 3, 4, 4, 4), torch.randn(2, 3, 4, 4, 4)
+    n = 3 * 4**3
+    gap = ALDK().distilled(teacher, student).mean() - teacher.mean()  # D(phi_hat) - D(phi_t)
+    rms = ALDK(gp_weight=10.0, lipschitz="rms").critic_loss(_MeanCritic(), teacher, student)
+    l2 = ALDK(gp_weight=10.0, lipschitz="l2").critic_loss(_MeanCritic(), teacher, student)
+    torch.testing.assert_close(rms, gap)  # exactly RMS-1-Lipschitz: no penalty
+    torch.testing.assert_close(l2, gap + 10.0 * (1 / math.sqrt(n) - 1) ** 2)

@@ -8,7 +8,7 @@ teacher on the fly, under ``no_grad``). Per step:
 * critic (``n_critic`` times): ``L_D = D(phi_hat) - D(phi_t) + gp_weight * (||grad D(phi~)|| - 1)^2`` with
   ``phi_hat = beta phi_t + (1 - beta) phi_s`` (the paper's "distilled" field; ``phi_s`` detached) and
   ``phi~`` uniformly between ``phi_t`` and ``phi_hat`` (one weight per sample, gradient norm over every
-  voxel and channel);
+  voxel and channel; ``lipschitz="rms"`` makes the critic 1-Lipschitz in the RMS displacement instead);
 * student: ``gamma * L_reg + (1 - gamma) * L_adv`` with, for ``form="wgan"``, ``L_adv = -mean D(phi_hat)``
   (the WGAN generator loss) or, for ``form="paper"``, ``mean (D(phi_s) - D(phi_t))^2``.
 
@@ -39,6 +39,7 @@ class ALDK(nn.Module):
         gp_weight: float = 0.1,
         n_critic: int = 1,
         form: Literal["wgan", "paper"] = "wgan",
+        lipschitz: Literal["l2", "rms"] = "l2",
     ) -> None:
         super().__init__()
         if not 0 <= gamma <= 1 or not 0 <= beta <= 1:
@@ -52,6 +53,10 @@ class ALDK(nn.Module):
             n_critic,
             form,
         )
+        # "l2": 1-Lipschitz in the L2 norm over every voxel and channel (scores grow with sqrt(voxels));
+        # "rms": in the RMS displacement (voxels), so score gaps stay commensurate with the registration
+        # loss whatever the field size: the gradient norm is compared with 1 / sqrt(voxels * channels)
+        self.lipschitz = lipschitz
 
     def distilled(self, teacher_flow: torch.Tensor, student_flow: torch.Tensor) -> torch.Tensor:
         """``beta phi_t + (1 - beta) phi_s``."""
@@ -69,7 +74,10 @@ class ALDK(nn.Module):
         scores = critic(torch.cat([real, fake, mixed]))
         s_real, s_fake, s_mixed = scores.split(real.shape[0])
         (grad,) = torch.autograd.grad(s_mixed.sum(), mixed, create_graph=True)
-        penalty = ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+        norm = grad.flatten(1).norm(dim=1)
+        if self.lipschitz == "rms":
+            norm = norm * grad[0].numel() ** 0.5
+        penalty = ((norm - 1) ** 2).mean()
         return s_fake.mean() - s_real.mean() + self.gp_weight * penalty
 
     def adversarial(
