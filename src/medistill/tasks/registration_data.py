@@ -57,10 +57,13 @@ def resample(
     dst_shape: tuple[int, int, int],
     mode: str = "bilinear",
     chunk: int = 32,
+    padding: str = "border",
 ) -> torch.Tensor:
     """``array`` (``C X Y Z`` or ``X Y Z``, voxel-to-world ``src_affine``) sampled at the voxels of the grid
-    ``dst_affine`` / ``dst_shape`` -> ``C *dst_shape`` float32 (border values outside), in slabs of ``chunk``
-    slices along the last axis to bound memory."""
+    ``dst_affine`` / ``dst_shape`` -> ``C *dst_shape`` float32, in slabs of ``chunk`` slices along the last
+    axis to bound memory. Outside the source: its border values (``padding="border"``, for a grid over
+    the source's own box) or 0 (``"zeros"``, for another scan's box: a smaller field of view is not
+    extended)."""
     src = torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array).float()
     src = src[None] if src.ndim == 3 else src
     m = torch.from_numpy(np.linalg.inv(src_affine) @ dst_affine).float()  # dst voxel -> src voxel
@@ -75,9 +78,20 @@ def resample(
         )
         v = torch.einsum("ij,j...->i...", m[:3, :3], pts) + m[:3, 3].view(3, 1, 1, 1)
         g = (2 * v / (size - 1).clamp(min=1).view(3, 1, 1, 1) - 1).flip(0).permute(1, 2, 3, 0)[None]
-        s = F.grid_sample(src[None], g, mode=mode, padding_mode="border", align_corners=True)
+        s = F.grid_sample(src[None], g, mode=mode, padding_mode=padding, align_corners=True)
         out.append(s[0])
     return torch.cat(out, -1)
+
+
+def merge_labels(labels: np.ndarray, structures: dict[str, list[int]]) -> np.ndarray:
+    """A label map -> structure indices (``k`` = the k-th structure of ``structures``, 1-based; 0 for
+    every other value), several label values merged into one structure (lung lobes -> lungs)."""
+    raw = np.rint(labels).astype(np.int64).clip(0)
+    top = max([int(raw.max()), *(v for values in structures.values() for v in values)])
+    lut = np.zeros(top + 1, np.int16)  # label value -> structure index (one pass over the volume)
+    for k, values in enumerate(structures.values(), start=1):
+        lut[values] = k
+    return lut[raw]
 
 
 def to_network_grid(
