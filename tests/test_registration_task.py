@@ -102,6 +102,16 @@ def config(tmp: Path, steps: int = 80) -> Path:
             "optimizers": {"student": {"models": ["net"], "type": "adam", "lr": 3e-3}},
         },
     ]
+    # a real-pair entry: the atlas against itself stored flipped along x (world-identical anatomy)
+    img, lab = nib.load(image), nib.load(label)
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = img.shape[0] - 1
+    for src, name in ((img, "flipped.nii.gz"), (lab, "flipped_labels.nii.gz")):
+        nib.save(nib.Nifti1Image(np.asarray(src.dataobj)[::-1].copy(), src.affine @ flip), tmp / name)
+    structures = {"a": [1], "b": [2], "c": [3]}
+    side = {"image": str(image), "label": str(label), "labels": structures, "modality": "mr"}
+    flipped = side | {"image": str(tmp / "flipped.nii.gz"), "label": str(tmp / "flipped_labels.nii.gz")}
+    real = {"real_pairs": [{"fixed": side, "moving": flipped, "name": "flipped", "prealign": "rigid"}]}
     path = tmp / "reg.yaml"
     path.write_text(
         yaml.safe_dump(
@@ -112,6 +122,7 @@ def config(tmp: Path, steps: int = 80) -> Path:
                 "train": train,
                 "stages": stages,
                 "export": ["student_aldk.net"],
+                "eval": real,
             }
         )
     )
@@ -145,6 +156,17 @@ def test_stages_train_and_beat_no_registration(trained) -> None:
     logs = [json.loads(x) for x in (run / "student_aldk" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss_adv"]) for r in logs if r["phase"] == "train")
     assert (run / "eval" / "registration.png").exists()
+    # the real-pair path: its own table (after the synthetic one), markdown file and figure; the same
+    # anatomy stored flipped is put back by the pre-alignment alone
+    real = result["real_pairs"]["flipped"]
+    assert set(real) == set(rows)
+    assert min(real["no_registration"][f"dice_{s}"] for s in "abc") > 0.8
+    assert [t["title"] for t in result["tables"]] == [
+        "Synthetic test pairs (known fields)",
+        "Real inter-patient pairs",
+    ]
+    assert (run / "eval" / "real_pairs.png").exists() and (run / "eval" / "real_pairs.md").exists()
+    assert "Real inter-patient pairs" in (run / "report.html").read_text()
 
 
 def test_export_has_the_warp_and_matches(trained) -> None:
