@@ -151,6 +151,30 @@ def mean_dice(warped: torch.Tensor, fixed: torch.Tensor, values: list[int]) -> f
     return float(np.mean(scores)) if scores else float("nan")
 
 
+def score_test_pair(
+    test: PairSet, k: int, u: torch.Tensor, labels: dict[str, int], spacing: tuple[float, ...]
+) -> dict[str, float]:
+    """The scores of displacement ``u`` (``1 3 *spatial``, voxels; ``warped(x) = moving(x + u(x))``) on
+    test pair ``k`` of a synthetic cohort: Dice and HD95 (mm) of the warped labels, TRE (mm) against the
+    known field inside the body (fixed > 0.05), % det J <= 0 and SD of log det J. One function for
+    ``evaluate`` and for the classical peers in ``benchmarks/``, so every method is scored alike."""
+    from medistill.metrics.registration import field_tre, jacobian_stats, warped_label_dice
+
+    b = test[k]
+    i, j = test.pairs[k]
+    truth = true_displacement(test.subjects[i], test.subject(j))
+    mask = b["fixed"][0] > 0.05  # inside the body / head
+    dice = warped_label_dice(b["moving_labels"][None], b["fixed_labels"][None], u, labels, spacing)
+    jac = jacobian_stats(u, spacing)
+    return {
+        "dice": dice["overall"]["dice"],
+        "hd95_mm": dice["overall"].get("hd95_mm", float("nan")),
+        "tre_mm": field_tre(u, truth[None], spacing, mask=mask)["mean_mm"][0],
+        "folding_percent": jac["folding_percent"][0],
+        "sd_log_jacobian": jac["sd_log_jacobian"][0],
+    }
+
+
 @TASKS.register("registration")
 class RegistrationTask(Task):
     """Teacher -> student deformable registration on a synthetic cohort with known fields."""
@@ -342,8 +366,6 @@ class RegistrationTask(Task):
     def evaluate(self, out_dir: Path) -> dict[str, Any]:
         """Dice of warped labels, TRE (mm) against the known fields, folding, SD log-J and time per pair for
         no registration, every trained stage and the SimpleITK B-spline baseline, on the same test pairs."""
-        from medistill.metrics.registration import field_tre, jacobian_stats, warped_label_dice
-
         if not self.stage_names():
             raise MedistillError(f"{self.run_dir}: no trained stage (run `medistill train` first)")
         c, d = self.cohort(), self.cfg.data
@@ -371,18 +393,8 @@ class RegistrationTask(Task):
                     t0 = time.perf_counter()
                     u = fn(f, m).float()
                     per["seconds"].append(time.perf_counter() - t0)
-                    i, j = test.pairs[k]
-                    truth = true_displacement(test.subjects[i], test.subject(j))
-                    mask = f[0, 0] > 0.05  # inside the body / head
-                    dice = warped_label_dice(
-                        b["moving_labels"][None], b["fixed_labels"][None], u, labels, spacing
-                    )
-                    per["dice"].append(dice["overall"]["dice"])
-                    per["hd95_mm"].append(dice["overall"].get("hd95_mm", float("nan")))
-                    per["tre_mm"].append(field_tre(u, truth[None], spacing, mask=mask)["mean_mm"][0])
-                    jac = jacobian_stats(u, spacing)
-                    per["folding_percent"].append(jac["folding_percent"][0])
-                    per["sd_log_jacobian"].append(jac["sd_log_jacobian"][0])
+                    for key, value in score_test_pair(test, k, u, labels, spacing).items():
+                        per[key].append(value)
                     if k == 0:
                         fields[name] = u
                 rows[name] = {}
