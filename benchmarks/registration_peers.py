@@ -82,7 +82,8 @@ def elastix_bspline(fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Te
     params.AddParameterMap(bspline)
     _, result = itk.elastix_registration_method(f, m, parameter_object=params, log_to_console=False)
     # z y x 3, components along ITK x, y, z
-    field = itk.array_from_image(itk.transformix_deformation_field(m, result))
+    with tempfile.TemporaryDirectory() as tmp:  # transformix writes deformationField.nii there
+        field = itk.array_from_image(itk.transformix_deformation_field(m, result, output_directory=tmp))
     u = torch.from_numpy(field.transpose(3, 2, 1, 0).astype(np.float32).copy())[None]
 
     def own_warp(labels: np.ndarray) -> np.ndarray:
