@@ -9,10 +9,10 @@ registers the network-grid images (unit spacing, identity direction, ITK index k
 physical displacement is one in voxels); its result is converted to medistill's convention (``u`` in
 voxels, ``warped(x) = moving(x + u(x))``) and checked on the first pair: warping the moving labels by
 the converted field reproduces the tool's own nearest-neighbour warp of them (Dice > 0.95, asserted).
-Scores as ``RegistrationTask.evaluate``: Dice of warped labels (with HD95), TRE (mm) against the known
-field inside the body (fixed > 0.05), % det J <= 0, SD log J and seconds per pair (registration and
-field conversion) after one warm-up. The load average is recorded: on a shared machine times are upper
-bounds.
+Scored by ``score_test_pair``, as in ``RegistrationTask.evaluate``: Dice of warped labels (with HD95),
+TRE (mm) against the known field inside the body (fixed > 0.05), % det J <= 0, SD log J; and seconds
+per pair (registration and field conversion) after one warm-up. The load average is recorded: on a
+shared machine times are upper bounds.
 """
 
 from __future__ import annotations
@@ -34,11 +34,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from medistill.config import load_config  # noqa: E402
-from medistill.metrics.registration import field_tre, jacobian_stats, warped_label_dice  # noqa: E402
 from medistill.nets.registration import SpatialTransformer  # noqa: E402
 from medistill.tasks.base import make_task  # noqa: E402
-from medistill.tasks.registration import mean_dice, sitk_bspline  # noqa: E402
-from medistill.tasks.registration_data import true_displacement  # noqa: E402
+from medistill.tasks.registration import mean_dice, score_test_pair, sitk_bspline  # noqa: E402
 
 #: a registration: fixed, moving (``1 1 S S S``) -> (displacement ``1 3 S S S`` in voxels, a function that
 #: warps a label map ``S S S`` with the tool's own nearest-neighbour resampling)
@@ -140,16 +138,9 @@ def score(task: Any, peers: dict[str, Peer], n_pairs: int) -> dict[str, Any]:
             t0 = time.perf_counter()
             u = fn(f, m)[0].float()
             per["seconds"].append(time.perf_counter() - t0)
+            for key, value in score_test_pair(test, k, u, labels, spacing).items():
+                per[key].append(value)
             i, j = test.pairs[k]
-            truth = true_displacement(test.subjects[i], test.subject(j))
-            mask = f[0, 0] > 0.05  # inside the body
-            dice = warped_label_dice(b["moving_labels"][None], b["fixed_labels"][None], u, labels, spacing)
-            per["dice"].append(dice["overall"]["dice"])
-            per["hd95_mm"].append(dice["overall"].get("hd95_mm", float("nan")))
-            per["tre_mm"].append(field_tre(u, truth[None], spacing, mask=mask)["mean_mm"][0])
-            jac = jacobian_stats(u, spacing)
-            per["folding_percent"].append(jac["folding_percent"][0])
-            per["sd_log_jacobian"].append(jac["sd_log_jacobian"][0])
             print(
                 f"  {name} pair {k} ({i}, {j}): Dice {per['dice'][-1]:.3f}, TRE {per['tre_mm'][-1]:.2f} mm, "
                 f"{per['seconds'][-1]:.1f} s",
