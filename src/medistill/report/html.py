@@ -7,6 +7,7 @@ import html
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from medistill.io.atomic import atomic_write_text
 
@@ -30,6 +31,19 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def markdown_table(table: dict[str, Any]) -> str:
+    """An evaluation table ``{title, note, header, rows}`` (the form tasks return in ``tables`` for the
+    report) as Markdown, numbers to 3 decimals: the ``eval/*.md`` files beside the HTML report."""
+
+    def cell(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = [f"### {table['title']}", "", table.get("note", ""), ""]
+    lines += ["| " + " | ".join(table["header"]) + " |", "|---" * len(table["header"]) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table["rows"]]
+    return "\n".join(lines) + "\n"
 
 
 def _img(path: Path) -> str:

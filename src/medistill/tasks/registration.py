@@ -33,6 +33,7 @@ from medistill.engine.data import KeyedDataset
 from medistill.errors import MedistillError
 from medistill.io.images import Image, check_same_grid, read_image, write_image
 from medistill.registry import TASKS
+from medistill.report.html import markdown_table
 from medistill.tasks.base import Task, require_divisible
 from medistill.tasks.registration_data import (
     Modality,
@@ -468,7 +469,7 @@ class RegistrationTask(Task):
                 for m, r in result["cases"].items()
             ],
         }
-        (out_dir / "real_pairs.md").write_text(_markdown(table) + "\n")
+        (out_dir / "real_pairs.md").write_text(markdown_table(table))
         matrices = {p["name"]: p["matrix"].round(5).tolist() for p in aligned}
         return result | {
             "real_pairs": real,
@@ -539,15 +540,6 @@ class RegistrationTask(Task):
         }
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         return metrics
-
-
-def _markdown(table: dict[str, Any]) -> str:
-    """A ``{title, note, header, rows}`` table as Markdown (floats to 3 decimals)."""
-    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = [f"{table['title']}: {table.get('note', '')}", "", "| " + " | ".join(table["header"]) + " |"]
-    lines.append("|" + "---|" * len(table["header"]))
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table["rows"]]
-    return "\n".join(lines)
 
 
 def _brain_files() -> list[str]:

@@ -42,6 +42,7 @@ from medistill.errors import MedistillError
 from medistill.io.images import Image, read_image, read_radiograph, write_image
 from medistill.metrics.segmentation import dice, rows_markdown, summarise_batch, summary_row
 from medistill.registry import TASKS
+from medistill.report.html import markdown_table
 from medistill.tasks.base import Task, require_divisible
 from medistill.tasks.steps import supervised_step
 from medistill.tasks.xray_data import DRRSet, XrayData, load_or_render, window
@@ -60,18 +61,6 @@ COLOURS = {
 }
 RASTER_OR_DICOM = (".dcm", ".dicom", ".ima", ".png", ".tif", ".tiff")
 PRIOR = "prior (mean training mask)"
-
-
-def markdown_table(table: dict[str, Any]) -> str:
-    """A report table ``{title, note, header, rows}`` as Markdown (numbers to 3 decimals)."""
-
-    def cell(v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    lines = [f"### {table['title']}", "", table.get("note", ""), ""]
-    lines += ["| " + " | ".join(table["header"]) + " |", "|---" * len(table["header"]) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table["rows"]]
-    return "\n".join(lines) + "\n"
 
 
 def seed_summary(
