@@ -213,13 +213,12 @@ class RegistrationTask(Task):
         if ex == "chest-ct":
             img, lab = read_image(example_file(ex, "cxr.nii.gz")), read_image(example_file(ex, "mask.nii.gz"))
         elif ex == "brain-mr":
-            files = [example_file(ex, f) for f in _brain_files()]
-            img, gm, wm = (read_image(f) for f in files)
-            lab = gm.with_array(
-                (np.where(gm.array >= 0.5, 1, 0) + np.where(wm.array >= 0.5, 2, 0))
-                .clip(0, 2)
-                .astype(np.int16)
-            )
+            # the skull-stripped T1 and GM/WM maps the real brain pair is scored on (probability maps
+            # >= 0.5; the files store probability x 255), so cohort and real pair share intensities
+            from medistill.tasks.brain_tissue import load_brain_tissue
+
+            tissue = load_brain_tissue(ex)
+            img, lab = tissue.t1, tissue.labels
         else:
             from medistill.io.example_formats import load_head_mr
 
@@ -540,13 +539,6 @@ class RegistrationTask(Task):
         }
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         return metrics
-
-
-def _brain_files() -> list[str]:
-    from medistill.io.examples import get
-
-    files = get("brain-mr").files
-    return [next(f for f in files if key in f) for key in ("_t1_", "_gm_", "_wm_")]
 
 
 def _apply(affine: np.ndarray, points: torch.Tensor) -> torch.Tensor:

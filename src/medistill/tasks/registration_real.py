@@ -37,6 +37,9 @@ from medistill.tasks.registration_data import (
 #: and costal cartilages are left out, as chest-ct-2 labels them in none of its segments)
 REAL_LABELS: dict[str, dict[str, list[int]]] = {
     "chest-ct": {"lungs": list(range(10, 15)), "spine": list(range(25, 51)), "ribs": list(range(92, 116))},
+    # brain-mr / head-mr: the GM / WM maps of :mod:`medistill.tasks.brain_tissue` (skull-stripped T1)
+    "brain-mr": {"GM": [1], "WM": [2]},
+    "head-mr": {"GM": [1], "WM": [2]},
 }
 #: chest-ct-2 by segment name (its NRRD header), resolved to values when read
 REAL_SEGMENTS: dict[str, dict[str, list[str]]] = {
@@ -46,7 +49,9 @@ REAL_SEGMENTS: dict[str, dict[str, list[str]]] = {
         "ribs": ["ribs"],
     },
 }
-RealExample = Literal["chest-ct", "chest-ct-2"]
+RealExample = Literal["chest-ct", "chest-ct-2", "brain-mr", "head-mr"]
+#: intensity scaling of each example when the pair does not set `modality` (a brain pair in a CT run is MR)
+REAL_MODALITY: dict[str, Modality] = {"chest-ct": "ct", "chest-ct-2": "ct", "brain-mr": "mr", "head-mr": "mr"}
 
 #: grid of the coarse copies the affine pre-alignment runs on (per axis, over each volume's world box)
 PREALIGN_SIZE = 64
@@ -55,13 +60,17 @@ PREALIGN_SIZE = 64
 class RealVolume(StrictModel):
     """One side of a real pair: an example set, or an own image with its label map."""
 
-    example: RealExample | None = Field(None, description="example set (chest-ct, chest-ct-2)")
+    example: RealExample | None = Field(
+        None, description="example set (chest-ct, chest-ct-2; brain-mr, head-mr: skull-stripped T1, GM/WM)"
+    )
     image: Path | None = Field(None, description="own volume (NIfTI, MHA, NRRD, DICOM)")
     label: Path | None = Field(None, description="label map on the own volume's grid")
     labels: dict[str, list[int]] | None = Field(
         None, description="structures {name: label values}; default per example"
     )
-    modality: Literal["ct", "mr"] | None = Field(None, description="intensity scaling; default the run's")
+    modality: Literal["ct", "mr"] | None = Field(
+        None, description="intensity scaling; default the example's, else the run's"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> RealVolume:
@@ -111,6 +120,12 @@ def load_volume(v: RealVolume, where: str) -> tuple[Image, Image, list[str]]:
         structures = v.labels or {
             s: [by_name[n] for n in segs if n in by_name] for s, segs in REAL_SEGMENTS["chest-ct-2"].items()
         }
+    elif v.example in ("brain-mr", "head-mr"):
+        from medistill.tasks.brain_tissue import load_brain_tissue
+
+        tissue = load_brain_tissue(v.example)
+        img, lab = tissue.t1, tissue.labels
+        structures = v.labels or REAL_LABELS[v.example]
     else:
         img, lab = read_image(v.image), read_image(v.label)
         if img.ndim != 3:
@@ -231,7 +246,8 @@ def load_pair(pair: RealPair, where: str, default: Modality, hu_window: tuple[fl
     for side in ("fixed", "moving"):
         v: RealVolume = getattr(pair, side)
         img, lab, structures = load_volume(v, f"{where}.{side}")
-        out += [img.with_array(normalise_intensity(img.array, v.modality or default, hu_window)), lab]
+        modality = v.modality or (REAL_MODALITY[v.example] if v.example else default)
+        out += [img.with_array(normalise_intensity(img.array, modality, hu_window)), lab]
         names.append(structures)
     if names[0] != names[1]:
         raise MedistillError(
