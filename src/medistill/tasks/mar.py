@@ -13,11 +13,21 @@ instead of clinical scans (:mod:`medistill.tasks.mar_data`).
 Slice-based 3D prediction: axial slices from the affine; a slice goes through the network only if it
 holds metal (HU above ``eval.metal_threshold_hu``); clean slices are copied unchanged; metal pixels keep
 their input values; the correction is computed at ``data.size`` and added at the input resolution.
+
+Optional 2.5D input (``data.neighbours = k``, spec A7-6, a deviation from DGKD's pure 2D model): the
+artifact and LI images of the ``k`` slices on each side become extra channels (the mask and the target
+stay the centre slice's). Simulated neighbours go through the centre's scan with the cross-section of a
+3D metal object there (:func:`neighbour_mask`); they are cached beside, not inside, the 2D sets, whose
+keys (``medistill.tasks.mar_data``'s source is part of them) are thereby left as they were.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import inspect
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +40,8 @@ from torch import nn
 from medistill.config import ExperimentConfig, ModelSpec, StrictModel
 from medistill.engine.data import KeyedDataset
 from medistill.errors import MedistillError
+from medistill.io.atomic import atomic_path
+from medistill.physics import mar_classical, metal
 from medistill.physics.attenuation import mu_to_hu
 from medistill.registry import TASKS
 from medistill.tasks import mar_data
@@ -56,6 +68,9 @@ class MARData(StrictModel):
     max_eval_slices: int = Field(40, ge=1, description="val/test slices per source, evenly spaced")
     min_body_fraction: float = Field(0.05, ge=0, lt=1, description="skip slices with less body (HU>-500)")
     masks_per_slice: int = Field(2, ge=1)
+    neighbours: int = Field(
+        0, ge=0, le=8, description="2.5D: k slices on each side as extra channels of each image input"
+    )
     pretrain_phantoms: bool = Field(True, description="the pretrain domain adds the phantom slices")
     cache: bool = Field(True, description="cache simulated sets in <data_root>/mar_sets")
 
@@ -110,6 +125,211 @@ def _even(items: list[Any], n: int) -> list[Any]:
     if len(items) <= n:
         return items
     return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+
+
+# ------------------------------------------------------------------------------ 2.5D neighbour slices
+
+#: half-length (mm) of the straight part along z of a simulated metal object, drawn uniformly per sample:
+#: 0 is an object as deep as it is wide (a filling, a clip, a screw lying in the slice), 5 mm a pin or a
+#: stem running through the neighbouring slices
+HALF_LENGTH_MM = (0.0, 5.0)
+#: what a neighbour set stores per sample: ``M 2k H W`` in the channel order of :func:`offsets`
+NEIGHBOUR_ARRAYS = ("artifact_nb", "li_nb", "mask_nb")
+
+
+def offsets(neighbours: int) -> list[int]:
+    """Slice offsets of the neighbour channels, in channel order: ``-k .. -1, +1 .. +k``."""
+    return [*range(-neighbours, 0), *range(1, neighbours + 1)]
+
+
+def neighbour_index(z: int, neighbours: int, n_slices: int) -> list[int]:
+    """The slices of the ``2k`` neighbours of slice ``z`` (order of :func:`offsets`), clamped to the volume:
+    beyond an edge the edge slice is replicated (the usual padding of 2.5D inputs)."""
+    return [min(max(z + o, 0), n_slices - 1) for o in offsets(neighbours)]
+
+
+def neighbour_mask(mask: np.ndarray, offset_mm: float, half_length_mm: float, pixel_mm: float) -> np.ndarray:
+    """Cross-section ``N N`` (bool), ``offset_mm`` from the centre slice, of a metal object whose centre
+    cross-section is ``mask``: the same mask along its straight part (``|offset| <= half_length_mm``),
+    then a rounded end per connected piece whose radius ``R`` is the piece's in-plane half-thickness (the
+    depth of its deepest pixel; a pixel's depth is its centre's distance to the mask's edge, half a pixel
+    for an edge pixel): a pixel ``e`` mm deep stays metal while ``e >= R - sqrt(R^2 - t^2)``,
+    ``t = |offset| - half_length``, so a screw lying in the slice ends as a cylinder, a filling as a ball,
+    and nothing is left once ``t >= R``.
+
+    Why: metal is 3D, so the slices next to a metal slice hold a slightly smaller (or no) cross-section of
+    the same object; inserting the centre mask unchanged everywhere would teach that metal never ends."""
+    t = abs(offset_mm) - half_length_mm
+    if t <= 0 or not mask.any():
+        return mask.copy()
+    from scipy import ndimage
+
+    depth = (ndimage.distance_transform_edt(mask) - 0.5) * pixel_mm
+    labels, n = ndimage.label(mask)
+    radius = np.concatenate([[0.0], ndimage.maximum(depth, labels, np.arange(1, n + 1))])[labels]
+    return mask & (radius > t) & (depth >= radius - np.sqrt(np.clip(radius**2 - t**2, 0.0, None)))
+
+
+@functools.cache
+def slice_mm(source: str) -> float:
+    """Slice spacing (mm) of a source. The phantom's slices are independent 2D phantoms: each is taken as
+    a prism along z (neighbours hold the same anatomy) sampled at the phantom's pixel size."""
+    if source == "phantom":
+        return mar_data.PHANTOM_PIXEL_MM
+    from medistill.io.axial import axial_axis
+    from medistill.io.examples import example_file
+    from medistill.io.images import read_image
+
+    affine = np.asarray(read_image(example_file(*mar_data.SOURCE_FILES[source])).affine, np.float64)
+    return float(np.linalg.norm(affine[:3, axial_axis(affine)]))
+
+
+def _replay_scan(
+    spec: mar_data.SetSpec, source: str, z: int, hu: np.ndarray, pixel_mm: float
+) -> tuple[np.ndarray, metal.MetalScan]:
+    """The masks ``k N N`` and the scan that :func:`medistill.tasks.mar_data.simulated_set` drew for slice
+    ``z`` of ``source`` (the same generator, draw for draw), so the neighbours are scanned like their centre
+    (same metal, tube and dose; a scan's slices share them)."""
+    scan_d = mar_data.SCANS[spec.domain]
+    rng = np.random.default_rng(
+        [spec.seed, mar_data.SOURCES.index(source), z, mar_data.DOMAINS.index(spec.domain)]
+    )
+    masks = np.stack(
+        [
+            mar_data.place_metal(hu, pixel_mm, source, rng, scan_d.kinds == "realistic")
+            for _ in range(spec.masks_per_slice)
+        ]
+    )
+    photons = float(np.exp(rng.uniform(*np.log(scan_d.photons))))
+    scan = metal.MetalScan(
+        metal=scan_d.metals[int(rng.integers(len(scan_d.metals)))],
+        kvp=scan_d.kvp,
+        photons=photons,
+        scatter_photons=scan_d.scatter_photons,
+        filter_name=scan_d.filter_name,
+    )
+    return masks, scan
+
+
+@dataclass(frozen=True)
+class NeighbourSpec:
+    """The ``neighbours`` slices on each side of every sample of the 2D set ``centre``."""
+
+    centre: mar_data.SetSpec
+    neighbours: int
+
+    def key(self) -> str:
+        """``<centre key>_nb<k>_<hash>``: the centre set's key (every setting and ``mar_data``'s source),
+        ``k``, the object lengths and the source of the functions that simulate neighbours."""
+        text = json.dumps([self.centre.key(), self.neighbours, HALF_LENGTH_MM, _NEIGHBOUR_CODE])
+        return f"{self.centre.key()}_nb{self.neighbours}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def _simulate_neighbours(
+    spec: NeighbourSpec, centre: dict[str, np.ndarray], progress: bool
+) -> dict[str, np.ndarray]:
+    """Neighbour arrays (:data:`NEIGHBOUR_ARRAYS`) of the samples of ``centre`` (the cached 2D set of
+    ``spec.centre``, same sample order): each neighbour slice of the source volume through the centre's
+    scan (fresh noise) with :func:`neighbour_mask` of the sample's mask (half-length drawn in
+    :data:`HALF_LENGTH_MM`), LI from its own trace, its image as LI where no metal is left; an offset
+    clamped onto the centre (volume edge) repeats the centre's own images."""
+    from rich.progress import track
+
+    c, k = spec.centre, spec.centre.masks_per_slice
+    blur = mar_data.SCANS[c.domain].blur_bins
+    by_source: dict[str, list[int]] = {}
+    for src, z in c.slices:
+        by_source.setdefault(src, []).append(z)
+    items = [(src, z) for src, zs in by_source.items() for z in zs]
+    out: dict[str, list[np.ndarray]] = {name: [] for name in NEIGHBOUR_ARRAYS}
+    loaded: dict[str, tuple[np.ndarray, float]] = {}
+    row = 0
+    for src, z in track(items, description=f"simulating {c.domain} neighbour slices", disable=not progress):
+        if src not in loaded:
+            loaded.clear()
+            volume, px = mar_data.load_source(src)
+            loaded[src] = (volume, px * volume.shape[-1] / c.size)
+        volume, pixel_mm = loaded[src]
+        geometry = mar_data.mar_geometry(c.size, pixel_mm)
+        hu = mar_data.resample(volume[z : z + 1], c.size)
+        masks, scan = _replay_scan(c, src, z, hu[0], pixel_mm)
+        if not np.array_equal(masks, centre["mask"][row : row + k]):
+            raise MedistillError(f"MAR {c.domain} set: the neighbour replay of {src}:z{z} drew other masks")
+        rng = np.random.default_rng(
+            [c.seed, mar_data.SOURCES.index(src), z, mar_data.DOMAINS.index(c.domain), spec.neighbours, 25]
+        )
+        half = rng.uniform(*HALF_LENGTH_MM, size=k)
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        prism = src == "phantom"
+        targets = (
+            [z + o for o in offsets(spec.neighbours)]
+            if prism
+            else neighbour_index(z, spec.neighbours, len(volume))
+        )
+        unique = sorted({t for t in targets if t != z})
+        sims: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+        if unique:
+            anatomy = mar_data.resample(volume[[z if prism else t for t in unique]], c.size)
+            nb_masks = np.stack(
+                [
+                    neighbour_mask(masks[j], abs(t - z) * slice_mm(src), half[j], pixel_mm)
+                    for t in unique
+                    for j in range(k)
+                ]
+            )
+            sim = mar_data.simulate_domain(
+                torch.from_numpy(anatomy).repeat_interleave(k, 0),
+                torch.from_numpy(nb_masks),
+                geometry,
+                scan,
+                blur,
+                gen,
+            )
+            artifact = sim["artifact_hu"].numpy()
+            li = mu_to_hu(
+                mar_classical.li_mar(sim["sino_metal"], sim["metal_trace"], geometry, scan.filter_name)
+            ).numpy()
+            empty = ~nb_masks.reshape(len(nb_masks), -1).any(1)
+            li[empty] = artifact[empty]
+            for u, t in enumerate(unique):
+                for j in range(k):
+                    sims[t, j] = (artifact[u * k + j], li[u * k + j], nb_masks[u * k + j])
+        for j in range(k):
+            own = (centre["artifact"][row + j], centre["li"][row + j], centre["mask"][row + j])
+            chans = [own if t == z else sims[t, j] for t in targets]
+            for a, name in enumerate(NEIGHBOUR_ARRAYS):
+                out[name].append(np.stack([ch[a] for ch in chans]))
+        row += k
+    arrays = {name: np.stack(v).astype(np.float32) for name, v in out.items()}
+    arrays["mask_nb"] = arrays["mask_nb"].astype(bool)
+    return arrays
+
+
+#: hash of the source of the functions that simulate neighbours, taken when the module is imported: the
+#: code that runs, even if the file is edited while a long run simulates
+_NEIGHBOUR_CODE = hashlib.sha256(
+    "".join(
+        inspect.getsource(f)
+        for f in (offsets, neighbour_index, neighbour_mask, slice_mm, _replay_scan, _simulate_neighbours)
+    ).encode()
+).hexdigest()[:12]
+
+
+def neighbour_set(
+    spec: NeighbourSpec, centre: dict[str, np.ndarray], cache_dir: Path | None, progress: bool = True
+) -> dict[str, np.ndarray]:
+    """The neighbour arrays of ``spec`` (:func:`_simulate_neighbours`), from ``cache_dir`` if simulated
+    before, else simulated and stored there atomically beside the centre set (``None``: no cache)."""
+    path = None if cache_dir is None else Path(cache_dir) / f"{spec.key()}.npz"
+    if path is not None and path.is_file():
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    arrays = _simulate_neighbours(spec, centre, progress)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    return arrays
 
 
 class MARSlices(KeyedDataset):
@@ -182,16 +402,43 @@ class MARTask(Task):
         masks = d.masks_per_slice if split == "train" else 1
         spec = mar_data.SetSpec(domain, tuple(slices), d.size, masks, self.cfg.seed, nmar)
         cache = data_root() / "mar_sets" if d.cache else None
-        return mar_data.simulated_set(spec, cache, progress=self.cfg.train.progress)
+        arrays = mar_data.simulated_set(spec, cache, progress=self.cfg.train.progress)
+        if d.neighbours:
+            nb = NeighbourSpec(spec, d.neighbours)
+            arrays = arrays | neighbour_set(nb, arrays, cache, progress=self.cfg.train.progress)
+        return arrays
+
+    def channels(self) -> list[tuple[str, int]]:
+        """``(input, slice offset)`` of each network input channel: per entry of ``data.inputs`` its slices
+        ``-k .. +k`` (2.5D), the mask only at the centre (offset 0)."""
+        k = self.cfg.data.neighbours
+        return [
+            (name, o) for name in self.cfg.data.inputs for o in ((0,) if name == "mask" else range(-k, k + 1))
+        ]
 
     def net_input(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
-        """``M C H W`` network input (HU/1000 clipped to ``data.clip_hu``; mask 0/1) of simulated arrays."""
+        """``M C H W`` network input (HU/1000 clipped to ``data.clip_hu``; mask 0/1) of simulated arrays, in
+        the order of :meth:`channels`; with neighbours, ``<input>_nb`` (``M 2k H W``) holds them."""
         lo, hi = self.cfg.data.clip_hu
-        chans = [
-            arrays["mask"].astype(np.float32) if k == "mask" else np.clip(arrays[k], lo, hi) / 1000.0
-            for k in self.cfg.data.inputs
-        ]
+        k = self.cfg.data.neighbours
+        chans = []
+        for name, o in self.channels():
+            if name == "mask":
+                chans.append(arrays["mask"].astype(np.float32))
+                continue
+            if o and f"{name}_nb" not in arrays:
+                raise MedistillError(f"data.neighbours={k}: the arrays hold no neighbour slices of {name!r}")
+            img = arrays[name] if o == 0 else arrays[f"{name}_nb"][:, o + k if o < 0 else o + k - 1]
+            chans.append(np.clip(img, lo, hi) / 1000.0)
         return np.stack(chans, 1).astype(np.float32)
+
+    def replicate_neighbours(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``arrays`` of lone slices (no volume around them) with the slice itself as every neighbour: how
+        a 2.5D model sees a 2D input, as at a volume's edge."""
+        n = 2 * self.cfg.data.neighbours
+        return arrays | {
+            f"{k}_nb": np.repeat(arrays[k][:, None], n, 1) for k in ("artifact", "li") if k in arrays
+        }
 
     def build_data(self) -> tuple[MARSlices, MARSlices]:
         domain = self.cfg.data.domain
@@ -217,7 +464,7 @@ class MARTask(Task):
     def net_args(self, key: str, spec: ModelSpec, probe: bool = False) -> dict[str, Any]:
         if spec.name in CRITICS:
             return {"in_channels": 1}
-        return {"spatial_dims": 2, "in_channels": len(self.cfg.data.inputs), "out_channels": 1}
+        return {"spatial_dims": 2, "in_channels": len(self.channels()), "out_channels": 1}
 
     def build_model(self, key: str, spec: ModelSpec, probe: bool = False) -> nn.Module:
         net = super().build_model(key, spec, probe)
@@ -228,7 +475,7 @@ class MARTask(Task):
             raise MedistillError(
                 f"data.size={self.cfg.data.size} must be a multiple of {div} for {spec.name}"
             )
-        base = self.cfg.data.inputs.index("li") if "li" in self.cfg.data.inputs else 0
+        base = self.channels().index(("li" if "li" in self.cfg.data.inputs else "artifact", 0))
         return ResidualMAR(net, base)
 
     # --- steps -----------------------------------------------------------------------------------
@@ -370,7 +617,6 @@ class MARTask(Task):
         by the in-domain simulator, through every method (skipped when that set is not fetched)."""
         from medistill.io.checks import read_ct
         from medistill.io.examples import example_file, is_cached
-        from medistill.physics import mar_classical, metal
 
         if not is_cached("radiographs"):
             return None
@@ -400,9 +646,11 @@ class MARTask(Task):
             "free": sim["free_hu"].numpy(),
             "mask": mask,
         }
-        return self._figure(
-            "real head slice 693_UNCR + simulated metal", arrays, self._methods(arrays, nets), path
-        )
+        title = "real head slice 693_UNCR + simulated metal"
+        if self.cfg.data.neighbours:
+            arrays = self.replicate_neighbours(arrays)
+            title += " (one slice: neighbours replicated)"
+        return self._figure(title, arrays, self._methods(arrays, nets), path)
 
     def _table(self, domain: str, cases: dict[str, Any], methods: list[str], n: int) -> str:
         head = f"### {domain} domain, n = {n} test slices (mean +- SD over slices)\n\n"
@@ -462,7 +710,11 @@ class MARTask(Task):
     # --- predict / deploy ------------------------------------------------------------------------
     def correct_slices(self, net: nn.Module, slices: np.ndarray, pixel_mm: float) -> tuple[np.ndarray, int]:
         """Slice-based 3D MAR of ``S H W`` axial slices (HU, square): metal slices corrected, clean slices
-        and metal pixels unchanged. Returns the slices and how many were corrected."""
+        and metal pixels unchanged. Returns the slices and how many were corrected.
+
+        2.5D (``data.neighbours = k``): the network also sees slices ``z-k .. z+k`` of the volume, each
+        resampled like the centre, with the LI from its own metal mask (its image where it holds no metal);
+        beyond the volume's edge the edge slice is replicated, so one lone slice is its own neighbours."""
         from rich.progress import track
 
         d, e = self.cfg.data, self.cfg.eval
@@ -471,27 +723,49 @@ class MARTask(Task):
         geometry = mar_data.mar_geometry(d.size, pixel_mm * h / d.size)
         axis = np.arange(h) - (h - 1) / 2
         fov = np.hypot(axis[:, None], axis[None, :]) <= h / 2 - 2
+        fov_small = mar_data.resample(fov[None].astype(np.float32), d.size) > 0.99
         metal_slices = [
             z
             for z in range(len(slices))
             if ((slices[z] > e.metal_threshold_hu) & fov).sum() >= e.min_metal_px
         ]
+        with_metal = set(metal_slices)
+        prepared: dict[int, dict[str, np.ndarray]] = {}
+
+        def prepare(z: int) -> dict[str, np.ndarray]:
+            """Slice ``z`` at ``data.size`` (``1 H W``): image, metal mask and, if an input, its LI (computed
+            once per slice: a slice is the centre of one input and the neighbour of up to 2k)."""
+            if z not in prepared:
+                full = slices[z].astype(np.float32)
+                small = mar_data.resample(full[None], d.size)
+                found = (full > e.metal_threshold_hu) & fov
+                mask = (mar_data.resample(found[None].astype(np.float32), d.size) > 0.3) & fov_small
+                prepared[z] = {"artifact": small, "mask": mask}
+                if "li" in d.inputs:
+                    li = small
+                    if z in with_metal or mask.any():
+                        li = mar_data.reprojected_li(
+                            torch.from_numpy(small), torch.from_numpy(mask), geometry
+                        )
+                        li = li.numpy()
+                    prepared[z]["li"] = li
+            return prepared[z]
+
         for z in track(metal_slices, description="MAR slices", disable=not metal_slices):
-            full = slices[z].astype(np.float32)
-            metal = (full > e.metal_threshold_hu) & fov
-            small = mar_data.resample(full[None], d.size)
-            mask = mar_data.resample(metal[None].astype(np.float32), d.size) > 0.3
-            mask &= mar_data.resample(fov[None].astype(np.float32), d.size) > 0.99
-            arrays = {"artifact": small, "mask": mask}
-            if "li" in d.inputs:
-                arrays["li"] = mar_data.reprojected_li(
-                    torch.from_numpy(small), torch.from_numpy(mask), geometry
-                )
-                arrays["li"] = arrays["li"].numpy()
+            for done in [t for t in prepared if t < z - d.neighbours]:
+                del prepared[done]
+            arrays = dict(prepare(z))
+            if d.neighbours:
+                around = [prepare(t) for t in neighbour_index(z, d.neighbours, len(slices))]
+                arrays |= {
+                    f"{k}_nb": np.stack([a[k] for a in around], 1) for k in ("artifact", "li") if k in arrays
+                }
             corrected = self.run_net(net, self.net_input(arrays))
-            delta = torch.from_numpy(corrected - small)[:, None]
+            full = slices[z].astype(np.float32)
+            found = (full > e.metal_threshold_hu) & fov
+            delta = torch.from_numpy(corrected - arrays["artifact"])[:, None]
             delta = F.interpolate(delta, size=full.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
-            out[z] = np.where(metal, full, full + delta)
+            out[z] = np.where(found, full, full + delta)
         return out, len(metal_slices)
 
     def predict_file(self, src: Path, dst: Path) -> Path:
