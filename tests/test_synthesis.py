@@ -14,7 +14,7 @@ from medistill.io.images import Image
 from medistill.losses.adversarial import GANLoss
 from medistill.losses.synthesis import CorrelationLoss, MaskConsistency, pearson_r, soft_threshold, to_hu
 from medistill.nets import count_parameters
-from medistill.nets.gan import PatchGAN, ResnetGenerator
+from medistill.nets.gan import PatchGAN, ResnetGenerator, diff_augment
 from medistill.registry import LOSSES, NETS
 from medistill.tasks.synthesis import check_mr, invert_axial
 from medistill.tasks.synthesis_data import canvas_of, ct_to_unit, from_canvas, to_canvas, unit_to_hu
@@ -35,6 +35,44 @@ def test_cyclegan_sizes_match_the_original() -> None:
     assert count_parameters(d) == 2_762_689
     assert d(torch.zeros(1, 1, 256, 256)).shape == (1, 1, 30, 30)
     assert PatchGAN(in_channels=2, ndf=8)(torch.zeros(3, 2, 64, 64)).shape == (3, 1, 6, 6)
+
+
+@pytest.mark.parametrize("size", [32, 48])
+def test_resize_upsampling_generator_has_no_transposed_conv(size: int) -> None:
+    net = ResnetGenerator(ngf=4, n_blocks=1, upsample="resize")
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in net.modules())
+    assert net(torch.randn(2, 1, size, size)).shape == (2, 1, size, size)
+    with pytest.raises(ValueError, match="upsample"):
+        ResnetGenerator(ngf=4, n_blocks=1, upsample="bicubic")
+
+
+def test_diff_augment_moves_pixels_without_changing_intensities() -> None:
+    """Translation only permutes / replicates existing values (a constant image stays constant, the shift
+    is at most 1/8 of a side); cutout sets exactly a half-side square to the image's minimum; gradients
+    reach the input; a discriminator augments in training mode only."""
+    g = torch.Generator().manual_seed(0)
+    flat = torch.full((3, 1, 32, 32), 0.25)
+    assert torch.equal(diff_augment(flat, ("translation",), g), flat)
+    x = torch.zeros(4, 1, 32, 32)
+    x[:, :, 16, 16] = 1.0
+    moved = diff_augment(x, ("translation",), g)
+    peaks = [divmod(int(m.argmax()), 32) for m in moved[:, 0]]
+    assert all(abs(r - 16) <= 4 and abs(c - 16) <= 4 for r, c in peaks) and moved.sum() == 4
+    img = torch.rand(2, 1, 32, 32, requires_grad=True)
+    cut = diff_augment(img, ("cutout",), g)
+    for i in range(2):
+        changed = cut[i, 0] != img[i, 0]
+        assert (cut[i, 0] == img[i].min()).sum() >= 16 * 16 and changed.sum() <= 16 * 16
+    cut.sum().backward()
+    assert img.grad is not None and img.grad.sum() > 0
+    d = PatchGAN(ndf=4, augment=("translation", "cutout"))
+    probe = torch.randn(2, 1, 64, 64)
+    d.eval()
+    assert torch.equal(d(probe), d.net(probe))
+    d.train()
+    assert not torch.equal(d(probe), d.net(probe))
+    with pytest.raises(ValueError, match="augment"):
+        PatchGAN(ndf=4, augment=("colour",))
 
 
 def test_lsgan_losses_through_the_gan_loss() -> None:

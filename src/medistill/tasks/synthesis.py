@@ -6,7 +6,10 @@ Stages (each a YAML stage; what a stage trains follows from its models):
 * a **CycleGAN stage** has models ``net`` (G: MR -> CT), ``ct2mr`` (F), ``d_ct`` and ``d_mr`` (PatchGANs)
   and optionally ``d_shape`` (the shape discriminator). Its losses, by name: ``adv`` (``gan``), ``cycle``
   and ``identity`` (``l1``), ``cc`` (``correlation``, per sample, on ``G(x), x`` and ``F(y), y``),
-  ``mask`` (``mask_consistency``) and ``shape_adv`` (``gan`` for ``d_shape``). Optimizers ``gen``
+  ``mask`` (``mask_consistency``) and ``shape_adv`` (``gan`` for ``d_shape``). ``cycle_mr`` / ``cycle_ct``
+  weigh the two cycles separately (CycleGAN's ``lambda_A`` / ``lambda_B``): the MR -> CT -> MR cycle asks
+  the synthetic CT to carry the MR's grey/white contrast, which a CT does not have, so a weaker MR cycle
+  lets the generator drop it instead of painting it into the brain. Optimizers ``gen``
   (G and F) and ``disc`` (every discriminator); discriminators are frozen around the generator step and
   fed from image pools (checkpointed). Leaving a loss out of a stage switches it off: the ablations
   plain / + CC / + CC + shape are three stages on one schedule.
@@ -313,6 +316,10 @@ class SynthesisTask(Task):
             }
             if "cycle" in L:
                 terms["cycle"] = L["cycle"](F_(fake_ct), x) + L["cycle"](G(fake_mr), y)
+            if "cycle_mr" in L:  # CycleGAN's lambda_A alone: MR -> CT -> MR
+                terms["cycle_mr"] = L["cycle_mr"](F_(fake_ct), x)
+            if "cycle_ct" in L:  # lambda_B alone: CT -> MR -> CT
+                terms["cycle_ct"] = L["cycle_ct"](G(fake_mr), y)
             if "identity" in L:
                 terms["identity"] = L["identity"](G(y), y) + L["identity"](F_(x), x)
             if "cc" in L:
