@@ -237,3 +237,45 @@ def test_stages_may_be_appended_to_a_run_but_not_changed(tmp_path: Path, capsys)
         with pytest.raises(SystemExit):
             main(["train", str(bad), "--out", str(run)])
         assert "already holds a different experiment" in capsys.readouterr().err
+
+
+def test_model_ema_follows_the_weights_with_its_warm_up_decay() -> None:
+    from medistill.engine.ema import ModelEMA
+
+    net = torch.nn.Linear(2, 1)
+    torch.nn.init.zeros_(net.weight)
+    ema = ModelEMA(net, decay=0.9)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    ema.update(net)  # d = min(0.9, 2/11): shadow = 2/11 * 0 + 9/11 * 1
+    assert ema.shadow["weight"].flatten().tolist() == pytest.approx([9 / 11] * 2)
+    for _ in range(200):
+        ema.update(net)
+    assert ema.shadow["weight"].flatten().tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    with torch.no_grad():
+        net.weight.fill_(5.0)
+    with ema.applied(net):
+        assert net.weight.flatten().tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert net.weight.flatten().tolist() == [5.0, 5.0]  # its own weights are back
+
+
+def test_stage_ema_is_validated_saved_as_best_and_resumes_exactly(tmp_path: Path) -> None:
+    """best.pt holds the averaged generator (not the raw one), last.pt both; a killed and resumed stage
+    ends with the same average."""
+    stage = GAN_STAGE | {"ema": {"net": 0.8}}
+    cfg = toy_cfg([stage], steps=12, checkpoint_every=4, val_every=12)
+    StageRunner(cfg, tmp_path / "a", make_task).run()
+    last = load_checkpoint(tmp_path / "a" / "gan" / "last.pt")
+    best = load_checkpoint(tmp_path / "a" / "gan" / "best.pt")
+    shadow = last["states"]["ema.net"]["shadow"]
+    for k, v in best["models"]["net"].items():
+        torch.testing.assert_close(v, shadow[k], rtol=0, atol=0)
+    assert any(not torch.equal(v, last["models"]["net"][k]) for k, v in shadow.items())
+    StageRunner(cfg, tmp_path / "b", make_task).run(stop_at=6)  # last checkpoint at step 4
+    StageRunner(cfg, tmp_path / "b", make_task).run()
+    again = load_checkpoint(tmp_path / "b" / "gan" / "last.pt")["states"]["ema.net"]
+    assert again["updates"] == 12
+    for k, v in shadow.items():
+        torch.testing.assert_close(again["shadow"][k], v, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"ema\.critic2"):
+        toy_cfg([GAN_STAGE | {"ema": {"critic2": 0.9}}])

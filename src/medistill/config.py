@@ -148,6 +148,22 @@ class StageSpec(StrictModel):
     metric: str | None = Field(None, description="validation metric for best.pt (default: the task's)")
     mode: Literal["min", "max"] | None = None
     set: dict[str, Any] = Field({}, description="dotted overrides of other sections, for this stage")
+    ema: dict[str, float] = Field(
+        {},
+        description="{model: decay}: validate and save best.pt with an exponential moving average of the "
+        "model's weights (last.pt keeps the raw weights and the average, for an exact resume)",
+    )
+
+    @model_validator(mode="after")
+    def _check_ema(self) -> StageSpec:
+        for key, decay in self.ema.items():
+            if key not in self.models:
+                raise ValueError(
+                    f"ema.{key}: not a trainable model of the stage (have: {', '.join(self.models)})"
+                )
+            if not 0.0 < decay < 1.0:
+                raise ValueError(f"ema.{key}: decay {decay} must lie in (0, 1)")
+        return self
 
 
 class ExperimentConfig(StrictModel):

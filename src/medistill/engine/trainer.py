@@ -40,6 +40,7 @@ from medistill.engine.distributed import (
     resolve_device,
     wrap_ddp,
 )
+from medistill.engine.ema import ModelEMA
 from medistill.engine.logging import RunLogger, make_progress
 from medistill.engine.protocol import StageTask, Stateful
 from medistill.errors import MedistillError
@@ -273,6 +274,7 @@ class Trainer:
         self.mode = stage.mode or task.val_mode
         self.dist = init_distributed(resolve_device(self.tcfg.device))
         self.device = resolve_device(self.tcfg.device, self.dist)
+        self.emas: dict[str, ModelEMA] = {}
 
     def ckpt_path(self, kind: str) -> Path:
         return self.stage_dir / f"{kind}.pt"
@@ -376,6 +378,9 @@ class Trainer:
             train_set.seed = self.cfg.seed
         raw_models, ctx, schedulers = self.build()
         self.task.setup_stage(ctx)
+        self.emas = {k: ModelEMA(raw_models[k], d) for k, d in self.stage.ema.items()}
+        for k, ema in self.emas.items():
+            ctx.add_state(f"ema.{k}", ema)
 
         logger = RunLogger(self.stage_dir, enabled=info.is_main)
         start = 0
@@ -427,6 +432,8 @@ class Trainer:
                 for m in ctx.models.values():
                     m.train()
                 logs = self.task.training_step(_to_device(next(batches), device), ctx)
+                for k, ema in self.emas.items():
+                    ema.update(raw_models[k])
                 for s in schedulers.values():
                     s.step()
                 done = step + 1
@@ -444,7 +451,8 @@ class Trainer:
                 progress.update(bar, completed=done)
         logger.close()
         if best["step"] < 0 and info.is_main and stop_at is None:  # no validation set: last = best
-            self._save_best(raw_models, best | {"step": self.steps})
+            with self._averaged(raw_models):
+                self._save_best(raw_models, best | {"step": self.steps})
         barrier(info)
         return {"step": self.steps, "best": best}
 
@@ -464,7 +472,19 @@ class Trainer:
                 f"{scheduled[0]!r} mid-way. Set its steps back to {total}, or pass --overwrite to retrain it"
             )
 
+    @contextlib.contextmanager
+    def _averaged(self, raw_models: dict[str, nn.Module]) -> Iterator[None]:
+        """The models with ``ema`` hold their averaged weights inside the block (validation, best.pt)."""
+        with contextlib.ExitStack() as stack:
+            for k, ema in self.emas.items():
+                stack.enter_context(ema.applied(raw_models[k]))
+            yield
+
     def _validate(self, raw_models, ctx, loader, logger, step, best) -> dict[str, Any]:
+        with self._averaged(raw_models):
+            return self._validate_models(raw_models, ctx, loader, logger, step, best)
+
+    def _validate_models(self, raw_models, ctx, loader, logger, step, best) -> dict[str, Any]:
         if self.dist.is_main:
             for m in raw_models.values():
                 m.eval()
