@@ -42,7 +42,7 @@ def write_pair(folder: Path) -> tuple[Path, Path]:
 
 
 def tiny_config(folder: Path, mr: Path, ct: Path) -> Path:
-    gen = {"ngf": 4, "n_blocks": 1}
+    gen = {"ngf": 4, "n_blocks": 1, "upsample": "resize"}
     disc = {"ndf": 4, "n_layers": 2}
     opt = {"type": "adam", "lr": 2.0e-3, "betas": [0.5, 0.999], "schedule": "constant"}
     cfg = {
@@ -78,13 +78,15 @@ def tiny_config(folder: Path, mr: Path, ct: Path) -> Path:
                 "models": {
                     "net": {"name": "resnet_generator", "args": gen},
                     "ct2mr": {"name": "resnet_generator", "args": gen},
-                    "d_ct": {"name": "patchgan", "args": disc},
+                    "d_ct": {"name": "patchgan", "args": disc | {"augment": ["translation", "cutout"]}},
                     "d_mr": {"name": "patchgan", "args": disc},
                     "d_shape": {"name": "patchgan", "args": disc},
                 },
+                "ema": {"net": 0.9},
                 "losses": {
                     "adv": {"name": "gan"},
-                    "cycle": {"name": "l1", "weight": 10.0},
+                    "cycle_mr": {"name": "l1", "weight": 2.0},
+                    "cycle_ct": {"name": "l1", "weight": 10.0},
                     "identity": {"name": "l1", "weight": 1.0},
                     "cc": {"name": "correlation", "weight": 2.0},
                     "mask": {"name": "mask_consistency", "weight": 5.0},
@@ -102,10 +104,19 @@ def tiny_config(folder: Path, mr: Path, ct: Path) -> Path:
                     "net": {"name": "resnet_generator", "args": {"ngf": 2, "n_blocks": 1}},
                     "d_ct": {"name": "patchgan", "args": disc},
                 },
-                "frozen": {"teacher": {"stage": "cc_shape"}},
-                "distillers": {"kd": {"name": "output_match", "weight": 10.0}},
-                "losses": {"adv": {"name": "gan"}},
-                "optimizers": {"gen": {"models": ["net"], **opt}, "disc": {"models": ["d_ct"], **opt}},
+                "frozen": {"teacher": {"stage": "cc_shape", "features": ["blocks"]}},
+                "distillers": {
+                    "kd": {"name": "output_match", "weight": 10.0},
+                    "fkd": {
+                        "name": "feature_kd",
+                        "args": {"student_channels": [8], "teacher_channels": [16], "spatial_dims": 2},
+                    },
+                },
+                "losses": {"adv": {"name": "gan", "weight": 0.1}},
+                "optimizers": {
+                    "gen": {"models": ["net", "distillers.fkd"], **opt},
+                    "disc": {"models": ["d_ct"], **opt},
+                },
             },
         ],
     }
@@ -138,10 +149,15 @@ def test_synthesis_pipeline_on_tiny_heads(tmp_path: Path, capsys: pytest.Capture
     assert {"pool_d_ct", "pool_d_mr", "pool_d_shape"} <= set(state["states"])
     assert state["states"]["pool_d_shape"]["count"] > 0
     rows = train_rows(run, "cc_shape")
-    assert rows[-1]["loss_cycle"] < rows[0]["loss_cycle"]  # the cycle reconstruction was learnt
-    assert all(k in rows[0] for k in ("loss_cc", "loss_mask", "loss_shape_adv", "loss_identity"))
-    kd = [r["loss_kd"] for r in train_rows(run, "student")]
+    assert rows[-1]["loss_cycle_ct"] < rows[0]["loss_cycle_ct"]  # the cycle reconstruction was learnt
+    keys = ("loss_cycle_mr", "loss_cc", "loss_mask", "loss_shape_adv", "loss_identity")
+    assert all(k in rows[0] for k in keys)
+    assert state["states"]["ema.net"]["updates"] == state["step"]  # the averaged generator follows every step
+    student_rows = train_rows(run, "student")
+    kd = [r["loss_kd"] for r in student_rows]
     assert kd[-1] < kd[0]  # the student moved towards the teacher
+    assert "loss_fkd" in student_rows[0]  # feature KD on the hooked residual trunks, adapters trained
+    assert "distillers.fkd" in load_checkpoint(run / "student" / "last.pt")["models"]
 
     # CT training slices never include the levels of held-out MR slices
     splits = json.loads((run / "splits.json").read_text())

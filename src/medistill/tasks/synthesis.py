@@ -343,11 +343,25 @@ class SynthesisTask(Task):
         return {"loss": float(total.detach()), "loss_d": float(d_loss.detach())} | logs
 
     def _student_step(self, batch: dict[str, torch.Tensor], ctx: Any) -> dict[str, float]:
+        """Pixel KD (``output_match``), optional feature KD (``feature_kd`` on the submodules the frozen
+        teacher taps with ``features:``, the same names hooked on the student) and the student's own
+        discriminator."""
+        from medistill.distill.teacher import FeatureHooks
+
         x, y = batch["mr"], batch["ct"]
-        out = ctx.models["net"](x)
+        frozen = ctx.frozen["teacher"]
+        names = list(frozen.hooks.names)
+        with FeatureHooks(ctx.unwrapped("net"), names) as hooks:
+            out = ctx.models["net"](x)
         with torch.no_grad():
-            teacher = ctx.frozen["teacher"](x)
-        kd, parts = ctx.total(ctx.distillers, out, teacher)
+            teacher = frozen(x)
+        extra = {}
+        if names:
+            extra = {
+                "student_features": [hooks.features[n] for n in names],
+                "teacher_features": [frozen.features[n] for n in names],
+            }
+        kd, parts = ctx.total(ctx.distillers, out, teacher, **extra)
         adv = ctx.losses["adv"]
         with ctx.frozen_params("d_ct") as critic:
             g_adv = adv.fn.generator(critic(out))
