@@ -150,3 +150,21 @@ def test_tiny_pipeline_evaluates_predicts_and_exports(tiny_run: Path, tmp_path: 
     parity = json.loads((tiny_run / "export" / "parity.json").read_text())
     assert set(parity) == {"teacher.net", "student_dgkd.net", "student_nodisc.net"}
     assert all(v["max_abs_diff"] < 1e-3 for v in parity.values())
+
+
+def test_dgkd_student_can_also_distil_on_the_sim_inputs(tiny_run: Path) -> None:
+    """``data.student_sim_inputs``: the clinical stage's inputs are followed by the realistic simulator's
+    training inputs, with no target (KD only, their ground truth unread); the real slices stay clinical."""
+    from medistill.runs import open_run
+
+    runner = open_run(tiny_run).runner
+    stask = runner.task(runner.stage("student_dgkd"))
+    clinical, _ = stask.build_data()
+    stask.cfg.data.student_sim_inputs = True
+    mixed, _ = stask.build_data()
+    sim = stask.sim_set("sim", "train")
+    assert len(mixed) == len(clinical) + len(sim["artifact"])
+    last = mixed.get(len(mixed) - 1, None)
+    assert "target" not in last and "real" in last
+    np.testing.assert_array_equal(last["image"].numpy(), stask.net_input(sim)[-1])
+    np.testing.assert_array_equal(mixed.real, clinical.real)

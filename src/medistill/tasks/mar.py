@@ -72,6 +72,11 @@ class MARData(StrictModel):
         0, ge=0, le=8, description="2.5D: k slices on each side as extra channels of each image input"
     )
     pretrain_phantoms: bool = Field(True, description="the pretrain domain adds the phantom slices")
+    student_sim_inputs: bool = Field(
+        False,
+        description="a clinical-domain (DGKD) stage also distils on the realistic simulator's training "
+        "inputs (the teacher's own training images; their ground truth is never read)",
+    )
     cache: bool = Field(True, description="cache simulated sets in <data_root>/mar_sets")
 
 
@@ -455,8 +460,13 @@ class MARTask(Task):
         first = (np.arange(n) // k) % 2 == 0
         real = train["free"][~first] / 1000.0
         inputs = {key: v[first] for key, v in train.items()}
+        images, masks = self.net_input(inputs), inputs["mask"]
+        if self.cfg.data.student_sim_inputs:  # KD on both domains' inputs; sim targets stay unread
+            sim = self.sim_set("sim", "train")
+            images = np.concatenate([images, self.net_input(sim)])
+            masks = np.concatenate([masks, sim["mask"]])
         return (
-            MARSlices(self.net_input(inputs), inputs["mask"], None, real),
+            MARSlices(images, masks, None, real),
             MARSlices(self.net_input(val), val["mask"], None, real),
         )
 
