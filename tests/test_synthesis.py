@@ -98,6 +98,12 @@ def test_correlation_loss_is_per_sample_not_pooled() -> None:
     assert abs((1 - pooled**2) - 0.5) > 0.05  # the batch-pooled value is something else
     assert float(loss(a0, -a0)) == pytest.approx(0.0, abs=1e-6)  # r^2: anti-correlation is allowed
     assert float(CorrelationLoss(squared=False)(a0, -a0)) == pytest.approx(2.0, abs=1e-6)
+    assert float(CorrelationLoss(sign="positive")(a0, -a0)) == pytest.approx(2.0, abs=1e-6)
+    negative = CorrelationLoss(sign="negative")
+    assert float(negative(a0, -a0)) == pytest.approx(0.0, abs=1e-6)  # a T1's dark bone is bright in CT
+    assert float(negative(a0, a0)) == pytest.approx(2.0, abs=1e-6)  # the MR-like mode costs most
+    with pytest.raises(ValueError, match="sign"):
+        CorrelationLoss(sign="both")
 
 
 def test_correlation_inside_a_mask_ignores_the_background() -> None:

@@ -42,20 +42,32 @@ def pearson_r(
 
 @LOSSES.register("correlation")
 class CorrelationLoss(nn.Module):
-    """``mean_b (1 - r_b^2)`` (``squared=True``) or ``mean_b (1 - r_b)``, r per sample (:func:`pearson_r`).
+    """``mean_b (1 - r_b^2)`` (``sign="any"``, the original's), ``mean_b (1 - r_b)`` (``"positive"``) or
+    ``mean_b (1 + r_b)`` (``"negative"``), r per sample (:func:`pearson_r`).
+
+    Why a sign: ``1 - r^2`` is as happy with an MR-like synthetic CT (skull dark, r -> +1) as with an
+    inverted one (skull bright, r -> -1), and which of the two a short run falls into depends on the
+    seed. In a T1 MR cortical bone is dark and in CT it is the brightest tissue, so for T1 -> CT the
+    physically right sign is negative; the loss can say so.
 
     ``forward(translated, source, mask=None)``: images ``B C H W``; ``mask`` ``B 1 H W`` or None.
     """
 
-    def __init__(self, squared: bool = True, eps: float = 1e-8) -> None:
+    def __init__(self, sign: str = "any", squared: bool | None = None, eps: float = 1e-8) -> None:
         super().__init__()
-        self.squared, self.eps = squared, eps
+        if squared is not None:  # the earlier spelling: squared=False meant a positive correlation
+            sign = "any" if squared else "positive"
+        if sign not in ("any", "positive", "negative"):
+            raise ValueError(f"correlation: sign={sign!r} is not 'any', 'positive' or 'negative'")
+        self.sign, self.eps = sign, eps
 
     def forward(
         self, translated: torch.Tensor, source: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         r = pearson_r(translated, source, mask, self.eps)
-        return (1 - r**2).mean() if self.squared else (1 - r).mean()
+        if self.sign == "any":
+            return (1 - r**2).mean()
+        return (1 - r).mean() if self.sign == "positive" else (1 + r).mean()
 
 
 def to_hu(x: torch.Tensor, window_hu: Sequence[float]) -> torch.Tensor:
