@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from medistill.cli import main
 from medistill.engine.checkpoint import load_checkpoint
@@ -234,3 +235,49 @@ def test_network_grid_resampling_keeps_world_positions() -> None:
     p = np.stack(np.meshgrid(*[np.arange(16)] * 3, indexing="ij")).reshape(3, -1)
     wg = grid[:3, :3] @ p + grid[:3, 3:4]
     np.testing.assert_allclose(out.reshape(-1), wg[0] + 2 * wg[1] - wg[2], atol=1e-3)
+
+
+def test_field_kd_pulls_the_student_to_the_teachers_field(trained) -> None:
+    """A stage with a frozen teacher and an ``output_match`` distiller (no critic): the student's
+    displacement moves towards the teacher's on the same pair; the teacher gets no gradient."""
+    from torch.utils.data import DataLoader
+
+    from medistill.config import DistillerSpec, FrozenSpec
+    from medistill.engine.trainer import Trainer
+    from medistill.runs import open_run
+
+    _, run = trained
+    runner = open_run(run).runner
+    stage = runner.stage("student_noaldk").model_copy(
+        update={
+            "name": "student_fieldkd",
+            "frozen": {"teacher": FrozenSpec(stage="teacher")},
+            "distillers": {"flow_kd": DistillerSpec(name="output_match", weight=10.0, args={"norm": "l1"})},
+        }
+    )
+    stask = runner.task(stage)
+    batch = next(iter(DataLoader(stask.build_data()[0], batch_size=2)))
+
+    def train(weight: float) -> tuple[float, float, dict, nn.Module, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        raw, ctx, _ = Trainer(stask, run / "probe_fieldkd", stage, runner._frozen_models(stage)).build()
+        ctx.distillers["flow_kd"].weight = weight
+        teacher = ctx.frozen["teacher"]
+        before = [p.detach().clone() for p in teacher.parameters()]
+
+        def gap() -> float:
+            with torch.no_grad():
+                f, m = batch["fixed"], batch["moving"]
+                return float((raw["net"](f, m) - teacher.model(f, m)).abs().mean())
+
+        start = gap()
+        for _ in range(10):
+            logs = stask.training_step(batch, ctx)
+        return start, gap(), logs, teacher, before
+
+    start, plain, _, _, _ = train(0.0)
+    start_kd, with_kd, logs, teacher, before = train(10.0)
+    assert start_kd == pytest.approx(start)  # the same initial student
+    assert "loss_flow_kd" in logs and with_kd < start and with_kd < plain - 0.01  # closer than without KD
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters(), strict=True))

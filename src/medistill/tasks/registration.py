@@ -316,10 +316,19 @@ class RegistrationTask(Task):
         out = ctx.models["net"](fixed, moving, stages=True)
         reg, parts = self.registration_loss(ctx, fixed, out)
         opt = "student" if "student" in ctx.optimizers else next(iter(ctx.optimizers))
-        if "critic" not in ctx.models:
-            ctx.optimize(opt, reg)
-            return {"loss": float(reg.detach())} | parts
-        if "aldk" not in ctx.distillers or "teacher" not in ctx.frozen:
+        if "critic" not in ctx.models and "aldk" not in ctx.distillers:
+            if not ctx.distillers:
+                ctx.optimize(opt, reg)
+                return {"loss": float(reg.detach())} | parts
+            # field KD: the student's displacement pulled to the frozen teacher's on the same pair
+            if "teacher" not in ctx.frozen:
+                raise MedistillError(f"stages.{ctx.stage}: distillers need frozen.teacher")
+            with torch.no_grad():
+                teacher = ctx.frozen["teacher"].model(fixed, moving)
+            kd, kd_parts = ctx.total(ctx.distillers, out["displacement"], teacher)
+            ctx.optimize(opt, reg + kd)
+            return {"loss": float(reg.detach())} | parts | {f"loss_{k}": v for k, v in kd_parts.items()}
+        if "aldk" not in ctx.distillers or "teacher" not in ctx.frozen or "critic" not in ctx.models:
             raise MedistillError(f"stages.{ctx.stage}: a critic needs distillers.aldk and frozen.teacher")
         aldk = ctx.distillers["aldk"].fn
         with torch.no_grad():  # the teacher's field on this very (augmented) pair
