@@ -171,6 +171,8 @@ def test_synthesis_pipeline_on_tiny_heads(tmp_path: Path, capsys: pytest.Capture
     for key in ("head_mae_hu", "head_rmse_hu", "head_psnr_db", "head_ssim", "bone_mae_hu", "soft_mae_hu"):
         assert np.isfinite(row[key])
     assert "another person, not the same patient" in result["note"]
+    table = result["tables"][0]  # the report's table: head MAE first, one row per model and baseline
+    assert table["header"][:3] == ["model", "n slices", "head_mae_hu"] and len(table["rows"]) == len(cases)
     assert (run / "eval" / "synthesis_grid.png").stat().st_size > 5_000
 
     # predict: a whole MR in, synthetic CT in HU out on the MR's grid
