@@ -317,22 +317,18 @@ class RegistrationTask(Task):
         reg, parts = self.registration_loss(ctx, fixed, out)
         opt = "student" if "student" in ctx.optimizers else next(iter(ctx.optimizers))
         if "critic" not in ctx.models and "aldk" not in ctx.distillers:
-            if not ctx.distillers:
-                ctx.optimize(opt, reg)
-                return {"loss": float(reg.detach())} | parts
-            # field KD: the student's displacement pulled to the frozen teacher's on the same pair
-            if "teacher" not in ctx.frozen:
-                raise MedistillError(f"stages.{ctx.stage}: distillers need frozen.teacher")
-            with torch.no_grad():
-                teacher = ctx.frozen["teacher"].model(fixed, moving)
-            kd, kd_parts = ctx.total(ctx.distillers, out["displacement"], teacher)
-            ctx.optimize(opt, reg + kd)
-            return {"loss": float(reg.detach())} | parts | {f"loss_{k}": v for k, v in kd_parts.items()}
+            loss, kd_logs = reg, {}
+            if ctx.distillers:  # field KD: the displacement pulled to the frozen teacher's on the same pair
+                if "teacher" not in ctx.frozen:
+                    raise MedistillError(f"stages.{ctx.stage}: distillers need frozen.teacher")
+                kd, kd_parts = ctx.total(ctx.distillers, out["displacement"], self._teacher_field(ctx, batch))
+                loss, kd_logs = reg + kd, {f"loss_{k}": v for k, v in kd_parts.items()}
+            ctx.optimize(opt, loss)
+            return {"loss": float(reg.detach())} | parts | kd_logs
         if "aldk" not in ctx.distillers or "teacher" not in ctx.frozen or "critic" not in ctx.models:
             raise MedistillError(f"stages.{ctx.stage}: a critic needs distillers.aldk and frozen.teacher")
         aldk = ctx.distillers["aldk"].fn
-        with torch.no_grad():  # the teacher's field on this very (augmented) pair
-            teacher = ctx.frozen["teacher"].model(fixed, moving)
+        teacher = self._teacher_field(ctx, batch)  # the teacher's field on this very (augmented) pair
         student = out["displacement"]
         for _ in range(aldk.n_critic):
             d_loss = aldk.critic_loss(ctx.models["critic"], teacher, student)
@@ -346,6 +342,12 @@ class RegistrationTask(Task):
             "loss_adv": float(adv.detach()),
             "loss_critic": float(d_loss.detach()),
         } | parts
+
+    @staticmethod
+    @torch.no_grad()
+    def _teacher_field(ctx: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The frozen teacher's displacement on the batch's own (augmented) pairs."""
+        return ctx.frozen["teacher"].model(batch["fixed"], batch["moving"])
 
     def validate(self, ctx: Any, loader: Any) -> dict[str, float]:
         from medistill.nets.registration import SpatialTransformer

@@ -517,7 +517,11 @@ class SynthesisTask(Task):
             per_slice = [np.abs(pred[i] - ref[i])[regions["head"][i]].mean() for i in range(len(idx))]
             row["head_mae_hu_sd_over_slices"] = round(float(np.std(per_slice)), 2)
             cases[name] = row
-        table = self.markdown(cases)
+        rows = [
+            [name, row["n_slices"], *(float(row[c]) if c in row else "-" for c in TABLE_COLUMNS)]
+            for name, row in cases.items()
+        ]
+        table = self.markdown(rows)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         note = (
@@ -532,10 +536,6 @@ class SynthesisTask(Task):
         (out_dir / "synthesis_table.md").write_text(note + "\n\n" + table)
         (out_dir / "registration.json").write_text(json.dumps(p.reference.info, indent=2) + "\n")
         fig = self.figure(preds, idx, out_dir / "synthesis_grid.png")
-        rows = [
-            [name, row["n_slices"], *(round(float(row[c]), 3) if c in row else "-" for c in TABLE_COLUMNS)]
-            for name, row in cases.items()
-        ]
         tables = [
             {
                 "title": "Held-out slices against the registered reference (another person)",
@@ -553,12 +553,17 @@ class SynthesisTask(Task):
         }
 
     @staticmethod
-    def markdown(cases: dict[str, dict[str, float | int]]) -> str:
-        cols = TABLE_COLUMNS
-        lines = ["| model | n slices | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
-        for name, row in cases.items():
-            vals = [f"{row[c]:.3f}" if "ssim" in c else f"{row[c]:.1f}" if c in row else "-" for c in cols]
-            lines.append(f"| {name} | {row['n_slices']} | " + " | ".join(vals) + " |")
+    def markdown(rows: list[list[Any]]) -> str:
+        """The evaluation rows (model, n slices, :data:`TABLE_COLUMNS`) as Markdown: HU and dB to 0.1,
+        SSIM to 0.001."""
+        header = "| model | n slices | " + " | ".join(TABLE_COLUMNS) + " |"
+        lines = [header, "|---" * (len(TABLE_COLUMNS) + 2) + "|"]
+        for name, n, *values in rows:
+            cells = [
+                v if isinstance(v, str) else f"{v:.3f}" if "ssim" in c else f"{v:.1f}"
+                for c, v in zip(TABLE_COLUMNS, values, strict=True)
+            ]
+            lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
     def figure(self, preds: dict[str, np.ndarray], idx: np.ndarray, out: Path) -> Path:
