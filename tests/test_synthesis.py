@@ -189,3 +189,31 @@ def test_inputs_that_are_not_an_mr_volume_fail_in_one_line() -> None:
         check_mr(Image(ct, np.eye(4)), "ct.nii.gz")
     assert "\n" not in str(exc.value)
     check_mr(Image(np.abs(ct) / 10, np.eye(4)), "mr.nii.gz")  # non-negative MR intensities pass
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (
+            "stages.cc_cyclegan.losses.cc.args.sign=both",
+            "stages.cc_cyclegan.losses.cc.args.sign: Input should be",
+        ),
+        ("stages.cc_cyclegan.models.net.args.upsample=bicubic", "models.net.args.upsample: Input should be"),
+        (
+            "stages.cc_cyclegan.models.d_ct.args.augment=[colour]",
+            "models.d_ct.args.augment.0: Input should be",
+        ),
+        ("stages.cc_cyclegan.ema.d_zz=0.9", "ema.d_zz: not a trainable model of the stage"),
+    ],
+)
+def test_bad_synthesis_settings_fail_in_one_line_naming_the_field(
+    tmp_path, capsys: pytest.CaptureFixture[str], setting: str, message: str
+) -> None:
+    from medistill.cli import main
+
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        main(["run", "configs/mr2ct_quick.yaml", "--out", str(run), "--set", setting])
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not any(run.glob("*/*.pt"))  # nothing trained

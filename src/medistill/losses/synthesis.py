@@ -17,6 +17,7 @@ registered ``l1`` with their weights): the correlation-coefficient constraint an
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,12 @@ class CorrelationLoss(nn.Module):
     ``forward(translated, source, mask=None)``: images ``B C H W``; ``mask`` ``B 1 H W`` or None.
     """
 
-    def __init__(self, sign: str = "any", squared: bool | None = None, eps: float = 1e-8) -> None:
+    def __init__(
+        self,
+        sign: Literal["any", "positive", "negative"] = "any",
+        squared: bool | None = None,
+        eps: float = 1e-8,
+    ) -> None:
         super().__init__()
         if squared is not None:  # the earlier spelling: squared=False meant a positive correlation
             sign = "any" if squared else "positive"

@@ -14,6 +14,8 @@ are applied by :class:`medistill.losses.adversarial.GANLoss`); with ``n_layers=3
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,7 +79,7 @@ class ResnetGenerator(nn.Module):
         ngf: int = 64,
         n_blocks: int = 9,
         n_down: int = 2,
-        upsample: str = "transpose",
+        upsample: Literal["transpose", "resize"] = "transpose",
     ) -> None:
         super().__init__()
         if ngf < 1 or n_blocks < 0 or n_down < 0:
@@ -168,7 +170,11 @@ class PatchGAN(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int = 1, ndf: int = 64, n_layers: int = 3, augment: tuple[str, ...] = ()
+        self,
+        in_channels: int = 1,
+        ndf: int = 64,
+        n_layers: int = 3,
+        augment: tuple[Literal["translation", "cutout"], ...] = (),
     ) -> None:
         super().__init__()
         if ndf < 1 or n_layers < 1:
