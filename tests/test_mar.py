@@ -30,6 +30,9 @@ TINY = [
     "train.log_every=2",
     "train.checkpoint_every=4",
     "train.progress=false",
+    "stages.pretrain.steps=8",
+    "stages.student_dgkd.steps=8",
+    "stages.student_nodisc.steps=8",
 ]
 
 

@@ -19,7 +19,8 @@ from medistill.tasks.base import Task, make_task
 
 
 def prepare_run(cfg: ExperimentConfig, run_dir: Path, overwrite: bool = False) -> Task:
-    """Create ``run_dir`` with its config; refuse to mix two different experiments in one folder."""
+    """Create ``run_dir`` with its config; refuse to mix two different experiments in one folder. The
+    experiment is validated first, so a refused config leaves no folder behind."""
     text = dump_config(cfg)
     cfg_path = run_dir / "config.yaml"
     if cfg_path.exists() and not overwrite:
@@ -34,13 +35,15 @@ def prepare_run(cfg: ExperimentConfig, run_dir: Path, overwrite: bool = False) -
                 f"{run_dir} already holds a different experiment (config.yaml differs other than by "
                 "stages appended at the end); choose another --out, or pass --overwrite to start afresh there"
             )
+    task = make_task(cfg, run_dir)
+    task.runner.validate()  # the whole experiment, before the folder is created or anything deleted
     if overwrite and run_dir.exists():
         for pattern in ("last.pt", "best.pt", "metrics.jsonl", "splits.json"):  # every stage's files
             for p in run_dir.rglob(pattern):
                 p.unlink(missing_ok=True)  # under torchrun every rank deletes the same files at once
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg_path, text)
-    return make_task(cfg, run_dir)
+    return task
 
 
 def _same_experiment(old: dict[str, Any], new: dict[str, Any]) -> bool:

@@ -47,6 +47,7 @@ from medistill.registry import TASKS
 from medistill.tasks import mar_data
 from medistill.tasks.base import Task
 from medistill.tasks.lung2d import slab_split
+from medistill.tasks.mar_shards import ShardColumn, ShardFolders, ShardSample
 
 INPUTS = ("artifact", "li", "mask")
 CRITICS = ("patchgan",)
@@ -76,6 +77,12 @@ class MARData(StrictModel):
         False,
         description="a clinical-domain (DGKD) stage also distils on the realistic simulator's training "
         "inputs (the teacher's own training images; their ground truth is never read)",
+    )
+    shards: list[str] = Field(
+        [],
+        description="folders of `medistill simulate metal --baselines` whose samples, read lazily, replace "
+        "the built-in simulation of the training and validation sets; their held-out test slabs are "
+        "evaluated as the 'shards' domain",
     )
     cache: bool = Field(True, description="cache simulated sets in <data_root>/mar_sets")
 
@@ -339,7 +346,8 @@ def neighbour_set(
 
 class MARSlices(KeyedDataset):
     """Slices ``image`` (``C H W``, HU/1000), ``metal`` (``1 H W``), and ``target`` (``1 H W``) or an
-    un-paired artifact-free ``real`` slice (``1 H W``) drawn from another set; flips when training."""
+    un-paired artifact-free ``real`` slice (``1 H W``) drawn from another set; flips when training. The
+    fields are in-memory arrays or lazily read :class:`~medistill.tasks.mar_shards.ShardColumn` s."""
 
     def __init__(
         self, image: np.ndarray, metal: np.ndarray, target: np.ndarray | None, real: np.ndarray | None
@@ -351,12 +359,12 @@ class MARSlices(KeyedDataset):
 
     def get(self, index: int, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
         flip = rng is not None and rng.random() < 0.5
-        items = {"image": self.image[index], "metal": self.metal[index, None].astype(np.float32)}
+        items = {"image": self.image[index], "metal": self.metal[index][None].astype(np.float32)}
         if self.target is not None:
-            items["target"] = self.target[index, None]
+            items["target"] = self.target[index][None]
         if self.real is not None:
             j = int(rng.integers(len(self.real))) if rng is not None else index % len(self.real)
-            items["real"] = self.real[j, None]
+            items["real"] = self.real[j][None]
         return {
             k: torch.from_numpy(np.ascontiguousarray(v[..., ::-1] if flip else v, dtype=np.float32))
             for k, v in items.items()
@@ -380,6 +388,16 @@ class MARTask(Task):
         bad = [s for s in d.sources if s not in mar_data.SOURCES]
         if bad:
             raise MedistillError(f"data.sources: unknown {bad}; choose from {list(mar_data.SOURCES)}")
+        self.shards: ShardFolders | None = None
+        if d.shards:
+            if d.neighbours:
+                raise MedistillError(
+                    f"data.shards: `simulate metal` writes 2D slices; data.neighbours={d.neighbours} needs "
+                    "the built-in sources"
+                )
+            if d.student_sim_inputs:
+                raise MedistillError("data.student_sim_inputs: not available with data.shards")
+            self.shards = ShardFolders(d.shards, d.size)
 
     # --- data ------------------------------------------------------------------------------------
     def slice_split(self) -> dict[str, list[tuple[str, int]]]:
@@ -394,7 +412,17 @@ class MARTask(Task):
         return out
 
     def splits(self) -> dict[str, list[str]]:
-        return {k: [f"{s}:z{z:04d}" for s, z in v] for k, v in self.slice_split().items()}
+        out = {k: [f"{s}:z{z:04d}" for s, z in v] for k, v in self.slice_split().items()}
+        if self.shards is not None:
+            for k, samples in self.shard_split().items():
+                out[k] += [self.shards.key(s) for s in samples]
+        return out
+
+    def shard_split(self) -> dict[str, list[ShardSample]]:
+        """The ``data.shards`` samples of each split (slab split per folder)."""
+        assert self.shards is not None
+        d = self.cfg.data
+        return self.shards.split(d.slab, d.max_train_slices, d.max_eval_slices)
 
     def sim_set(self, domain: str, split: str, nmar: bool = False) -> dict[str, np.ndarray]:
         """The simulated arrays of ``domain`` on the slices of ``split`` (cached on disk)."""
@@ -446,6 +474,8 @@ class MARTask(Task):
         }
 
     def build_data(self) -> tuple[MARSlices, MARSlices]:
+        if self.shards is not None:
+            return self._shard_data()
         domain = self.cfg.data.domain
         train, val = self.sim_set(domain, "train"), self.sim_set(domain, "val")
         if domain != "clinical":
@@ -468,6 +498,41 @@ class MARTask(Task):
         return (
             MARSlices(images, masks, None, real),
             MARSlices(self.net_input(val), val["mask"], None, real),
+        )
+
+    def _shard_data(self) -> tuple[MARSlices, MARSlices]:
+        """``build_data`` from ``data.shards``, read lazily: paired (target = the metal-free scan) unless
+        the domain is ``clinical``, where, as with the built-in sets, inputs come from every other slice
+        of the training slabs and the artifact-free "real" slices from the rest (no target is read)."""
+        assert self.shards is not None
+        split = self.shard_split()
+        train, val = split["train"], split["val"]
+        if not train or not val:
+            raise MedistillError(
+                f"data.shards: {len(train)} training and {len(val)} validation samples; the slab split "
+                f"(data.slab={self.cfg.data.slab}) needs more slices per folder"
+            )
+
+        fields = {
+            "image": lambda a: self.net_input(a)[0],  # C H W
+            "mask": lambda a: a["mask"][0],
+            "free": lambda a: a["free"][0] / 1000.0,
+        }
+
+        def column(samples: list[ShardSample], field: str) -> ShardColumn:
+            return ShardColumn(self.shards, samples, fields[field])  # type: ignore[arg-type]
+
+        if self.cfg.data.domain != "clinical":
+            return tuple(  # type: ignore[return-value]
+                MARSlices(column(s, "image"), column(s, "mask"), column(s, "free"), None)
+                for s in (train, val)
+            )
+        rank = {key: i for i, key in enumerate(dict.fromkeys((s.folder, s.slice) for s in train))}
+        first = [s for s in train if rank[(s.folder, s.slice)] % 2 == 0]
+        real = column([s for s in train if rank[(s.folder, s.slice)] % 2 == 1], "free")
+        return (
+            MARSlices(column(first, "image"), column(first, "mask"), None, real),
+            MARSlices(column(val, "image"), column(val, "mask"), None, real),
         )
 
     # --- models ----------------------------------------------------------------------------------
@@ -576,8 +641,12 @@ class MARTask(Task):
         e = self.cfg.eval
         cases: dict[str, dict[str, Any]] = {}
         figures, tables = [], []
-        for domain in ("sim", "clinical"):
-            arrays = self.sim_set(domain, "test", nmar=True)
+        domains = ("sim", "clinical") + (("shards",) if self.shards is not None else ())
+        for domain in domains:
+            if domain == "shards":
+                arrays = self.shards.arrays(self.shard_split()["test"])  # type: ignore[union-attr]
+            else:
+                arrays = self.sim_set(domain, "test", nmar=True)
             methods = self._methods(arrays, nets)
             target, masks = arrays["free"], arrays["mask"]
             n_img = target.shape[-1]
@@ -613,6 +682,7 @@ class MARTask(Task):
             f"{e.window_hu[1] - e.window_hu[0]:g} HU), RMSE on raw HU; whole image = FOV minus metal, "
             f"band = within {e.band_mm:g} mm of the metal; 'clinical' = the shifted simulator, whose ground "
             "truth is used here only and never in training"
+            + ("; 'shards' = the held-out test slabs of data.shards" if self.shards is not None else "")
         )
         return {"cases": cases, "note": note, "figures": figures}
 
