@@ -97,6 +97,12 @@ def predict(
     fixed: Path | None = typer.Option(None, "--fixed", help="registration: the fixed image (output grid)"),
     moving: Path | None = typer.Option(None, "--moving", help="registration: the moving image"),
     moving_labels: Path | None = typer.Option(None, "--moving-labels", help="registration: labels to warp"),
+    refine_steps: int | None = typer.Option(
+        None,
+        "--refine-steps",
+        help="registration: instance-optimisation steps after the network (default: "
+        "the run's refine.steps; 0: the network alone)",
+    ),
 ) -> None:
     """Run the trained model on INPUT (or register --moving to --fixed) and write the result in the input's
     (the fixed image's) geometry. For a task that writes a folder per input (xray_bones), INPUT may be a
@@ -104,6 +110,8 @@ def predict(
     pair = fixed is not None or moving is not None
     if pair and (fixed is None or moving is None or input is not None):
         raise MedistillError("registration needs both --fixed and --moving (and no INPUT)")
+    if refine_steps is not None and not pair:
+        raise MedistillError("--refine-steps is for registration pairs (--fixed and --moving)")
     inputs = [p for p in (fixed, moving, moving_labels) if p is not None] if pair else [input]
     if inputs == [None]:
         raise MedistillError("give INPUT, or --fixed and --moving for a registration run")
@@ -124,7 +132,7 @@ def predict(
     elif pair:
         if not hasattr(task, "predict_pair"):
             raise MedistillError(f"task {task.cfg.task!r} does not register pairs; give one INPUT")
-        task.predict_pair(fixed, moving, out, moving_labels)
+        task.predict_pair(fixed, moving, out, moving_labels, refine_steps)
     else:
         task.predict_file(input, out)
     typer.echo(str(out))

@@ -47,6 +47,7 @@ from medistill.tasks.registration_data import (
     true_displacement,
 )
 from medistill.tasks.registration_real import PREALIGN_SIZE, RealEval
+from medistill.tasks.registration_refine import RegRefine, refine_displacement, stage_objective
 
 #: default structures of each example source: name -> label values merged into it
 DEFAULT_LABELS: dict[str, dict[str, list[int]]] = {
@@ -100,6 +101,9 @@ class RegistrationConfig(ExperimentConfig):
     task: str = "registration"
     data: RegData = RegData()
     eval: RealEval = RealEval()
+    refine: RegRefine = Field(
+        RegRefine(), description="instance optimisation after the deployed network (evaluate and predict)"
+    )
 
 
 class PairSet(KeyedDataset):
@@ -361,6 +365,19 @@ class RegistrationTask(Task):
             scores.append(mean_dice(warped.cpu(), b["fixed_labels"], values))
         return {"dice": float(np.nanmean(scores))}
 
+    def deployed_stage(self) -> str:
+        """The stage whose network ``predict`` uses (the last deployable; the last stage without any)."""
+        deployables = self.runner.deployables()
+        return deployables[-1][0] if deployables else self.cfg.stages[-1].name
+
+    def refine(
+        self, stage: str, fixed: torch.Tensor, moving: torch.Tensor, u: torch.Tensor, steps: int | None = None
+    ) -> torch.Tensor:
+        """``u`` of ``stage``'s network after ``refine.steps`` (or ``steps``) of instance optimisation on the
+        stage's own loss (:mod:`medistill.tasks.registration_refine`)."""
+        cfg = self.cfg.refine if steps is None else self.cfg.refine.model_copy(update={"steps": steps})
+        return refine_displacement(fixed, moving, u, stage_objective(self, stage, fixed), cfg)
+
     # --- evaluation --------------------------------------------------------------------------------
     def methods(self) -> dict[str, Any]:
         """Registration methods of the evaluation: ``{name: fn(fixed, moving) -> u}`` on ``1 1 S S S``."""
@@ -368,6 +385,11 @@ class RegistrationTask(Task):
         for st in self.stage_names():
             net = self.stage_model(st)
             methods[st] = lambda f, m, net=net: net(f, m)
+        if self.cfg.refine.steps and self.stage_names():
+            st = self.deployed_stage()
+            methods[f"{st} + IO {self.cfg.refine.steps}"] = lambda f, m, st=st: self.refine(
+                st, f, m, methods[st](f, m)
+            )
         methods["sitk_bspline"] = lambda f, m: sitk_bspline(
             f, m, self.cfg.data.sitk_iterations, self.cfg.data.threads
         )
@@ -505,11 +527,18 @@ class RegistrationTask(Task):
 
     @torch.no_grad()
     def predict_pair(
-        self, fixed_path: Path, moving_path: Path, out_dir: Path, labels_path: Path | None = None
+        self,
+        fixed_path: Path,
+        moving_path: Path,
+        out_dir: Path,
+        labels_path: Path | None = None,
+        refine_steps: int | None = None,
     ) -> dict[str, Any]:
         """Register ``moving`` to ``fixed`` (any size, spacing, orientation) and write, in the fixed image's
         grid: ``warped.nii.gz``, ``displacement.nii.gz`` (X Y Z 1 3 vector, mm, world RAS+: fixed point x
-        corresponds to moving point x + u(x)), ``warped_labels.nii.gz`` (nearest) and ``metrics.json``."""
+        corresponds to moving point x + u(x)), ``warped_labels.nii.gz`` (nearest) and ``metrics.json``.
+        The network's field is refined by ``refine_steps`` (default ``refine.steps``) of instance
+        optimisation on the network grid."""
         t_all = time.perf_counter()
         fixed, moving = read_image(fixed_path), read_image(moving_path)
         for path, img in ((fixed_path, fixed), (moving_path, moving)):
@@ -519,6 +548,9 @@ class RegistrationTask(Task):
         if labels_path is not None:
             labels = read_image(labels_path)
             check_same_grid(moving, labels, str(moving_path), str(labels_path))
+        if refine_steps is not None and refine_steps < 0:
+            raise MedistillError(f"--refine-steps: must be >= 0, got {refine_steps}")
+        steps = self.cfg.refine.steps if refine_steps is None else refine_steps
         net = self.predict_model()
         d = self.cfg.data
         f_img, _, f_grid = to_network_grid(
@@ -528,8 +560,12 @@ class RegistrationTask(Task):
             moving.with_array(normalise_intensity(moving.array, self.modality, d.hu_window)), d.size
         )
         t0 = time.perf_counter()
-        u = net(f_img[None], m_img[None])[0]  # network-grid voxels
+        u = net(f_img[None], m_img[None])  # network-grid voxels
         t_net = time.perf_counter() - t0
+        if steps:
+            u = self.refine(self.deployed_stage(), f_img[None], m_img[None], u, steps)
+        t_refine = time.perf_counter() - t0 - t_net
+        u = u[0]
         # world displacement on the fixed image's own grid: X -> p (fixed network voxel) -> p + u(p) -> Y
         world_x = _apply(fixed.affine, torch.from_numpy(_voxel_coords(fixed.shape)))
         q = _apply(np.linalg.inv(f_grid), world_x) + resample(u, f_grid, fixed.affine, fixed.shape)
@@ -544,6 +580,8 @@ class RegistrationTask(Task):
             write_image(fixed.with_array(np.rint(lab).astype(np.int16)), out_dir / "warped_labels.nii.gz")
         metrics = {
             "network_seconds": t_net,
+            "refine_steps": steps,
+            "refine_seconds": t_refine,
             "total_seconds": time.perf_counter() - t_all,
             "network_grid": [d.size] * 3,
             "threads": torch.get_num_threads(),
