@@ -336,3 +336,35 @@ def test_instance_optimisation_lowers_the_stage_loss_and_the_error(trained, tmp_
     assert metrics["refine_steps"] == 3 and metrics["refine_seconds"] > 0
     with pytest.raises(SystemExit):
         main(["predict", str(run), str(atlas), "--out", str(tmp_path / "x.nii.gz"), "--refine-steps", "3"])
+
+
+def test_refined_teacher_targets_have_a_lower_teacher_loss(trained) -> None:
+    """``refine.teacher_steps``: a distillation stage's target is the frozen teacher's field on the very
+    (augmented) training pair after instance optimisation on the registration loss (here the teacher's)."""
+    from torch.utils.data import DataLoader
+
+    from medistill.config import DistillerSpec, FrozenSpec
+    from medistill.engine.trainer import Trainer
+    from medistill.nets.registration import warp
+    from medistill.runs import open_run
+    from medistill.tasks.registration_refine import stage_objective
+
+    _, run = trained
+    runner = open_run(run).runner
+    stage = runner.stage("student_noaldk").model_copy(
+        update={
+            "name": "student_iokd",
+            "frozen": {"teacher": FrozenSpec(stage="teacher")},
+            "distillers": {"flow_kd": DistillerSpec(name="output_match", args={"norm": "l1"})},
+        }
+    )
+    stask = runner.task(stage)
+    batch = next(iter(DataLoader(stask.build_data()[0], batch_size=2)))
+    _, ctx, _ = Trainer(stask, run / "probe_iokd", stage, runner._frozen_models(stage)).build()
+    raw = stask._teacher_field(ctx, batch)
+    stask.cfg.refine.teacher_steps = 10
+    refined = stask._teacher_field(ctx, batch)
+    loss = stage_objective(stask, "teacher", batch["fixed"])
+    m = batch["moving"]
+    assert not refined.requires_grad and refined.shape == raw.shape
+    assert float(loss(warp(m, refined), refined)) < float(loss(warp(m, raw), raw))

@@ -47,7 +47,12 @@ from medistill.tasks.registration_data import (
     true_displacement,
 )
 from medistill.tasks.registration_real import PREALIGN_SIZE, RealEval
-from medistill.tasks.registration_refine import RegRefine, refine_displacement, stage_objective
+from medistill.tasks.registration_refine import (
+    RegRefine,
+    context_objective,
+    refine_displacement,
+    stage_objective,
+)
 
 #: default structures of each example source: name -> label values merged into it
 DEFAULT_LABELS: dict[str, dict[str, list[int]]] = {
@@ -347,11 +352,17 @@ class RegistrationTask(Task):
             "loss_critic": float(d_loss.detach()),
         } | parts
 
-    @staticmethod
-    @torch.no_grad()
-    def _teacher_field(ctx: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The frozen teacher's displacement on the batch's own (augmented) pairs."""
-        return ctx.frozen["teacher"].model(batch["fixed"], batch["moving"])
+    def _teacher_field(self, ctx: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The frozen teacher's displacement on the batch's own (augmented) pairs, refined by
+        ``refine.teacher_steps`` of instance optimisation on this stage's registration loss when set."""
+        fixed, moving = batch["fixed"], batch["moving"]
+        with torch.no_grad():
+            u = ctx.frozen["teacher"].model(fixed, moving)
+        steps = self.cfg.refine.teacher_steps
+        if steps:
+            cfg = self.cfg.refine.model_copy(update={"steps": steps})
+            u = refine_displacement(fixed, moving, u, context_objective(self, ctx, fixed), cfg)
+        return u.detach()
 
     def validate(self, ctx: Any, loader: Any) -> dict[str, float]:
         from medistill.nets.registration import SpatialTransformer

@@ -32,6 +32,12 @@ class RegRefine(StrictModel):
     grid: int = Field(
         4, ge=1, description="the correction lives on a grid this many times coarser (trilinear upsampling)"
     )
+    teacher_steps: int = Field(
+        0,
+        ge=0,
+        description="distillation stages: the frozen teacher's field on each training pair is refined by "
+        "this many steps on the stage's registration loss before the student is pulled to it (0: raw)",
+    )
 
 
 def refine_displacement(
@@ -72,8 +78,7 @@ def refine_displacement(
 def stage_objective(
     task: Any, stage: str, fixed: torch.Tensor
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``loss(warped, u)``: the similarity and flow terms of ``stage`` (with their weights) for ``fixed``,
-    computed as the stage's training step does (its affine terms do not apply to a displacement)."""
+    """``loss(warped, u)``: the similarity and flow terms of ``stage`` (with their weights) for ``fixed``."""
     from types import SimpleNamespace
 
     from medistill.engine.trainer import Term, build_term
@@ -83,7 +88,14 @@ def stage_objective(
         k: Term(s.weight, build_term(s, f"stages.{stage}.losses.{k}").to(fixed.device), s)
         for k, s in spec.losses.items()
     }
-    ctx = SimpleNamespace(losses=terms, stage=stage)
+    return context_objective(task, SimpleNamespace(losses=terms, stage=stage), fixed)
+
+
+def context_objective(
+    task: Any, ctx: Any, fixed: torch.Tensor
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``loss(warped, u)`` from a step context's loss terms, computed as the training step does (affine
+    terms do not apply to a displacement)."""
 
     def loss(warped: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         total, _ = task.registration_loss(ctx, fixed, {"warped": warped, "flows": [u]})
