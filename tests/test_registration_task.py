@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -237,26 +238,33 @@ def test_network_grid_resampling_keeps_world_positions() -> None:
     np.testing.assert_allclose(out.reshape(-1), wg[0] + 2 * wg[1] - wg[2], atol=1e-3)
 
 
-def test_field_kd_pulls_the_student_to_the_teachers_field(trained) -> None:
-    """A stage with a frozen teacher and an ``output_match`` distiller (no critic): the student's
-    displacement moves towards the teacher's on the same pair; the teacher gets no gradient."""
+def _field_kd_stage(run: Path, name: str, weight: float = 1.0) -> tuple[Any, Any, Any, dict]:
+    """``student_noaldk`` of the tiny run with a frozen teacher and an ``output_match`` field-KD
+    distiller: (runner, stage, its task, one training batch of 2)."""
     from torch.utils.data import DataLoader
 
     from medistill.config import DistillerSpec, FrozenSpec
-    from medistill.engine.trainer import Trainer
     from medistill.runs import open_run
 
-    _, run = trained
     runner = open_run(run).runner
     stage = runner.stage("student_noaldk").model_copy(
         update={
-            "name": "student_fieldkd",
+            "name": name,
             "frozen": {"teacher": FrozenSpec(stage="teacher")},
-            "distillers": {"flow_kd": DistillerSpec(name="output_match", weight=10.0, args={"norm": "l1"})},
+            "distillers": {"flow_kd": DistillerSpec(name="output_match", weight=weight, args={"norm": "l1"})},
         }
     )
     stask = runner.task(stage)
-    batch = next(iter(DataLoader(stask.build_data()[0], batch_size=2)))
+    return runner, stage, stask, next(iter(DataLoader(stask.build_data()[0], batch_size=2)))
+
+
+def test_field_kd_pulls_the_student_to_the_teachers_field(trained) -> None:
+    """A stage with a frozen teacher and an ``output_match`` distiller (no critic): the student's
+    displacement moves towards the teacher's on the same pair; the teacher gets no gradient."""
+    from medistill.engine.trainer import Trainer
+
+    _, run = trained
+    runner, stage, stask, batch = _field_kd_stage(run, "student_fieldkd", 10.0)
 
     def train(weight: float) -> tuple[float, float, dict, nn.Module, list[torch.Tensor]]:
         torch.manual_seed(0)
@@ -341,25 +349,12 @@ def test_instance_optimisation_lowers_the_stage_loss_and_the_error(trained, tmp_
 def test_refined_teacher_targets_have_a_lower_teacher_loss(trained) -> None:
     """``refine.teacher_steps``: a distillation stage's target is the frozen teacher's field on the very
     (augmented) training pair after instance optimisation on the registration loss (here the teacher's)."""
-    from torch.utils.data import DataLoader
-
-    from medistill.config import DistillerSpec, FrozenSpec
     from medistill.engine.trainer import Trainer
     from medistill.nets.registration import warp
-    from medistill.runs import open_run
     from medistill.tasks.registration_refine import stage_objective
 
     _, run = trained
-    runner = open_run(run).runner
-    stage = runner.stage("student_noaldk").model_copy(
-        update={
-            "name": "student_iokd",
-            "frozen": {"teacher": FrozenSpec(stage="teacher")},
-            "distillers": {"flow_kd": DistillerSpec(name="output_match", args={"norm": "l1"})},
-        }
-    )
-    stask = runner.task(stage)
-    batch = next(iter(DataLoader(stask.build_data()[0], batch_size=2)))
+    runner, stage, stask, batch = _field_kd_stage(run, "student_iokd")
     _, ctx, _ = Trainer(stask, run / "probe_iokd", stage, runner._frozen_models(stage)).build()
     raw = stask._teacher_field(ctx, batch)
     stask.cfg.refine.teacher_steps = 10
