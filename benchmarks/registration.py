@@ -1,5 +1,6 @@
 """CPU speed of the registration networks per pair, PyTorch and onnxruntime side by side, with SimpleITK's
-B-spline registration on the same pair (the classical baseline of `medistill evaluate`).
+B-spline registration on the same pair (the classical baseline of `medistill evaluate`), and optionally the
+instance optimisation that follows the network when ``refine.steps`` is set (``--refine-steps``).
 
     python benchmarks/registration.py --size 128 --threads 2 --out benchmarks/results/registration.json
 
@@ -39,6 +40,21 @@ def timed(fn, repeats: int) -> dict[str, float]:
     return {"min_s": min(ts), "median_s": statistics.median(ts), "runs": repeats}
 
 
+def timed_refine(fixed: torch.Tensor, moving: torch.Tensor, steps: int, repeats: int) -> dict[str, float]:
+    """``refine_displacement`` from a zero field (its cost does not depend on the start) with the quick
+    preset's loss (Pearson + gradient smoothness, weights 1) and the default ``refine`` lr and grid."""
+    from medistill.losses.regularization import GradientSmoothness
+    from medistill.losses.similarity import PearsonLoss
+    from medistill.tasks.registration_refine import RegRefine, refine_displacement
+
+    sim, smooth = PearsonLoss(), GradientSmoothness()
+    cfg = RegRefine(steps=steps)
+    zero = torch.zeros(1, 3, *fixed.shape[2:])
+    return timed(
+        lambda: refine_displacement(fixed, moving, zero, lambda w, u: sim(fixed, w) + smooth(u), cfg), repeats
+    ) | {"steps": steps, "grid": cfg.grid}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=128)
@@ -46,6 +62,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--nets", default="ldr_paper,ldr_compact,vtn_teacher")
     ap.add_argument("--sitk-iterations", type=int, default=30)
+    ap.add_argument(
+        "--refine-steps",
+        type=int,
+        default=0,
+        help="also time instance optimisation (refine) of this many steps",
+    )
+    ap.add_argument("--no-sitk", action="store_true", help="skip SimpleITK (97 s per 128^3 pair)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -73,12 +96,16 @@ def main() -> None:
             row["onnxruntime"] = timed(lambda sess=sess, feed=feed: sess.run(None, feed), a.repeats)
         rows[name] = row
         print(name, json.dumps(row), flush=True)
-    rows["sitk_bspline"] = {
-        "sitk": timed(
-            lambda: sitk_bspline(fixed, moving, a.sitk_iterations, a.threads), max(1, a.repeats // 2)
-        )
-    }
-    print("sitk_bspline", json.dumps(rows["sitk_bspline"]), flush=True)
+    if a.refine_steps:
+        rows[f"refine_{a.refine_steps}"] = {"torch": timed_refine(fixed, moving, a.refine_steps, a.repeats)}
+        print(f"refine_{a.refine_steps}", json.dumps(rows[f"refine_{a.refine_steps}"]), flush=True)
+    if not a.no_sitk:
+        rows["sitk_bspline"] = {
+            "sitk": timed(
+                lambda: sitk_bspline(fixed, moving, a.sitk_iterations, a.threads), max(1, a.repeats // 2)
+            )
+        }
+        print("sitk_bspline", json.dumps(rows["sitk_bspline"]), flush=True)
     result = {
         "size": s,
         "threads": a.threads,
