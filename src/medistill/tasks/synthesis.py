@@ -45,6 +45,7 @@ from medistill.losses.synthesis import soft_threshold, to_hu
 from medistill.metrics.image_quality import image_quality
 from medistill.registry import TASKS
 from medistill.tasks.base import Task, require_divisible
+from medistill.tasks.synthesis_brain import BRAIN_DISPLAY_HU
 from medistill.tasks.synthesis_data import (
     BODY_HU,
     BONE_HU,
@@ -71,6 +72,14 @@ from medistill.tasks.synthesis_data import (
 )
 
 DISCRIMINATORS = ("d_ct", "d_mr", "d_shape")
+#: per data.pair: the figures' CT display window (HU) and the top of their |error| scale (HU)
+FIGURE_HU = {"head": ((-1000.0, 1500.0), 500.0), "brain": (BRAIN_DISPLAY_HU, 100.0)}
+#: what the regions are on the brain pair, appended to the evaluation note
+BRAIN_REGIONS_NOTE = (
+    "; brain pair: both volumes are brain only, so 'bone' is the atlas's few calcified voxels > 300 HU "
+    "(no skull), 'soft' is the brain and 'air' is the rim where the MR brain mask reaches past the "
+    "registered CT brain (a mask and registration mismatch, not anatomical air)"
+)
 #: the evaluation table's columns, head first (the report's own table and ``eval/synthesis_table.md``)
 TABLE_COLUMNS = (
     "head_mae_hu",
@@ -160,9 +169,15 @@ class SynthesisTask(Task):
         return self.cfg.data.fov_mm / self.cfg.data.size
 
     def sources(self) -> tuple[Path, Path]:
+        """The MR and CT files: the brain pair's prepared (cached) files, or the head pair's."""
         d = self.cfg.data
         from medistill.io.examples import example_file
 
+        if d.pair == "brain":
+            from medistill.tasks.synthesis_brain import brain_pair_sources
+
+            pair = brain_pair_sources()
+            return pair.mr, pair.ct
         if d.mr is not None:
             mr = Path(d.mr)
         elif d.mr_example is not None:
@@ -180,6 +195,8 @@ class SynthesisTask(Task):
     @property
     def reference_name(self) -> str:
         d = self.cfg.data
+        if d.pair == "brain":
+            return "brain-ct (CT atlas, air outside its brain mask)"
         return f"{d.ct_example} (CT)" if d.ct is None else f"{Path(d.ct).name} (CT)"
 
     def reference(self, mr: Image, ct: Image) -> Reference:
@@ -211,7 +228,10 @@ class SynthesisTask(Task):
         check_mr(mr, mr_path)
         mr = Image(mr.array.astype(np.float32), mr.affine)
         if ct.ndim != 3 or float(np.percentile(ct.array, 1)) > -500:
-            raise MedistillError(f"{ct_path}: expected a 3D CT in HU (air near -1000), got shape {ct.shape}")
+            raise MedistillError(
+                f"{ct_path}: expected a 3D CT in HU (air near -1000), got shape {ct.shape} (a brain CT "
+                "with a 0 HU background: data.pair: brain)"
+            )
         mr_ax, ct_ax = axial_slices(mr.array, mr.affine), axial_slices(ct.array, ct.affine)
         head = mr_head_mask(mr_ax.slices, 0)
         mr_unit = mr_to_unit(mr_ax.slices, mr_scale(mr_ax.slices, head, d.mr_percentile))
@@ -522,6 +542,7 @@ class SynthesisTask(Task):
             for name, row in cases.items()
         ]
         table = self.markdown(rows)
+        region_voxels = ", ".join(f"{k} {int(v.sum())}" for k, v in regions.items())
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         note = (
@@ -531,7 +552,8 @@ class SynthesisTask(Task):
             f"PSNR/SSIM on HU clipped to {list(d.hu_window)} "
             f"(data range {d.hu_window[1] - d.hu_window[0]:g} HU); regions from the reference: bone > "
             f"{BONE_HU:g} HU, soft tissue {BODY_HU:g}..{BONE_HU:g}, air < {BODY_HU:g}, "
-            "all inside the MR head mask"
+            f"all inside the MR head mask; voxels {region_voxels}; a region without voxels is '-', not "
+            "measured" + (BRAIN_REGIONS_NOTE if d.pair == "brain" else "")
         )
         (out_dir / "synthesis_table.md").write_text(note + "\n\n" + table)
         (out_dir / "registration.json").write_text(json.dumps(p.reference.info, indent=2) + "\n")
@@ -575,19 +597,24 @@ class SynthesisTask(Task):
         p = self.prepared
         i = len(idx) // 2
         mr, ref, head = p.mr_unit[idx[i]], p.ref_hu[idx[i]], self.eval_mask(idx[i : i + 1])[0]
+        (lo_hu, hi_hu), err_hu = FIGURE_HU[self.cfg.data.pair]
         fig, axes = plt.subplots(len(preds), 4, figsize=(9, 2.4 * len(preds)), squeeze=False)
         for r, (name, pred) in enumerate(preds.items()):
             err = np.where(head, np.abs(pred[i] - ref), 0)
             panels = [
                 ("MR", mr, (-1, 1), "gray"),
-                (f"synthetic CT: {name}", pred[i], (-1000, 1500), "gray"),
-                ("reference CT (another person, registered)", ref, (-1000, 1500), "gray"),
-                (f"|error| in head, MAE {err[head].mean():.0f} HU", err, (0, 500), "magma"),
+                (f"synthetic CT: {name}", pred[i], (lo_hu, hi_hu), "gray"),
+                ("reference CT (another person, registered)", ref, (lo_hu, hi_hu), "gray"),
+                (f"|error| in head, MAE {err[head].mean():.0f} HU", err, (0, err_hu), "magma"),
             ]
             for c, (title, img, (lo, hi), cmap) in enumerate(panels):
                 ax = axes[r, c]
                 ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi)
                 ax.set_title(title, fontsize=6)
                 ax.axis("off")
-        fig.suptitle(f"test MR slice z={idx[i]} (rows anterior->posterior, columns right->left)", fontsize=8)
+        fig.suptitle(
+            f"test MR slice z={idx[i]} (rows anterior->posterior, columns right->left; CT shown at "
+            f"{lo_hu:g}..{hi_hu:g} HU)",
+            fontsize=8,
+        )
         return save_figure(fig, out)

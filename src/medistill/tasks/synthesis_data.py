@@ -35,7 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
@@ -61,6 +61,11 @@ class RegistrationConfig(StrictModel):
 
 
 class SynthesisData(StrictModel):
+    pair: Literal["head", "brain"] = Field(
+        "head",
+        description="head: head-mr (Colin27 with skull) and head-ct (or data.mr / data.ct); brain: the "
+        "brain-only pair brain-mr (MNI152) and brain-ct (atlas, air set outside its brain), prepared once",
+    )
     mr_example: str | None = Field("head-mr", description="example set of the MR (its ch2.nii.gz)")
     ct_example: str | None = Field("head-ct", description="example set of the CT (its head_ct.nii.gz)")
     mr: Path | None = Field(None, description="MR volume (used instead of mr_example)")
@@ -86,6 +91,17 @@ class SynthesisData(StrictModel):
     reference_cache: bool = Field(
         True, description="reuse a registration cached for the same files + settings"
     )
+
+    @model_validator(mode="after")
+    def _pair_sources(self) -> SynthesisData:
+        """The brain pair prepares its own two files: an MR or CT named beside it would be ignored."""
+        named = sorted({"mr", "ct", "mr_example", "ct_example"} & self.model_fields_set)
+        if self.pair == "brain" and named:
+            raise ValueError(
+                "pair 'brain' uses the brain-mr and brain-ct example sets; remove "
+                + ", ".join(f"data.{k}" for k in named)
+            )
+        return self
 
 
 # ------------------------------------------------------------------------------------ intensities and masks
