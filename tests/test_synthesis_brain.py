@@ -126,12 +126,19 @@ def test_head_pair_is_unchanged(tmp_path: Path) -> None:
     assert task.reference_name == "head-ct (CT)"
 
 
+def test_a_saved_brain_config_spelling_out_the_defaults_loads(tmp_path: Path) -> None:
+    """``RUN/config.yaml`` holds every field, the head pair's example names included."""
+    cfg = validate_config({"task": "mr2ct_synthesis", "data": {"pair": "brain"}})
+    again = validate_config(cfg.model_dump(mode="json"))
+    assert again.data == cfg.data  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
         ({"pair": "knee"}, "data.pair: Input should be 'head' or 'brain'"),
         ({"pair": "brain", "mr": "t1.nii.gz"}, "remove data.mr"),
-        ({"pair": "brain", "ct_example": "head-ct"}, "remove data.ct_example"),
+        ({"pair": "brain", "ct_example": "chest-ct"}, "remove data.ct_example"),
     ],
 )
 def test_bad_pair_settings_are_refused_in_one_line(data: dict[str, object], expected: str) -> None:

@@ -94,8 +94,10 @@ class SynthesisData(StrictModel):
 
     @model_validator(mode="after")
     def _pair_sources(self) -> SynthesisData:
-        """The brain pair prepares its own two files: an MR or CT named beside it would be ignored."""
-        named = sorted({"mr", "ct", "mr_example", "ct_example"} & self.model_fields_set)
+        """The brain pair prepares its own two files: an MR or CT named beside it would be ignored. Only
+        values other than the defaults count (a saved run config spells every default out)."""
+        fields = type(self).model_fields
+        named = [k for k in ("mr", "ct", "mr_example", "ct_example") if getattr(self, k) != fields[k].default]
         if self.pair == "brain" and named:
             raise ValueError(
                 "pair 'brain' uses the brain-mr and brain-ct example sets; remove "
