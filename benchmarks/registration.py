@@ -40,7 +40,9 @@ def timed(fn, repeats: int) -> dict[str, float]:
     return {"min_s": min(ts), "median_s": statistics.median(ts), "runs": repeats}
 
 
-def timed_refine(fixed: torch.Tensor, moving: torch.Tensor, steps: int, repeats: int) -> dict[str, float]:
+def timed_refine(
+    fixed: torch.Tensor, moving: torch.Tensor, steps: int, repeats: int, size: int | None
+) -> dict[str, float]:
     """``refine_displacement`` from a zero field (its cost does not depend on the start) with the quick
     preset's loss (Pearson + gradient smoothness, weights 1) and the default ``refine`` lr and grid."""
     from medistill.losses.regularization import GradientSmoothness
@@ -48,11 +50,11 @@ def timed_refine(fixed: torch.Tensor, moving: torch.Tensor, steps: int, repeats:
     from medistill.tasks.registration_refine import RegRefine, refine_displacement
 
     sim, smooth = PearsonLoss(), GradientSmoothness()
-    cfg = RegRefine(steps=steps)
+    cfg = RegRefine(steps=steps, size=size)
     zero = torch.zeros(1, 3, *fixed.shape[2:])
     return timed(
-        lambda: refine_displacement(fixed, moving, zero, lambda w, u: sim(fixed, w) + smooth(u), cfg), repeats
-    ) | {"steps": steps, "grid": cfg.grid}
+        lambda: refine_displacement(fixed, moving, zero, lambda f, w, u: sim(f, w) + smooth(u), cfg), repeats
+    ) | {"steps": steps, "grid": cfg.grid, "size": size}
 
 
 def main() -> None:
@@ -68,6 +70,7 @@ def main() -> None:
         default=0,
         help="also time instance optimisation (refine) of this many steps",
     )
+    ap.add_argument("--refine-size", type=int, default=None, help="refine.size (optimisation grid)")
     ap.add_argument("--no-sitk", action="store_true", help="skip SimpleITK (97 s per 128^3 pair)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -97,7 +100,9 @@ def main() -> None:
         rows[name] = row
         print(name, json.dumps(row), flush=True)
     if a.refine_steps:
-        rows[f"refine_{a.refine_steps}"] = {"torch": timed_refine(fixed, moving, a.refine_steps, a.repeats)}
+        rows[f"refine_{a.refine_steps}"] = {
+            "torch": timed_refine(fixed, moving, a.refine_steps, a.repeats, a.refine_size)
+        }
         print(f"refine_{a.refine_steps}", json.dumps(rows[f"refine_{a.refine_steps}"]), flush=True)
     if not a.no_sitk:
         rows["sitk_bspline"] = {

@@ -122,7 +122,7 @@ def instance_optimisation(task: Any, steps: int) -> Peer:
 
     def run(fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, None]:
         zero = torch.zeros(1, 3, *fixed.shape[2:])
-        return refine_displacement(fixed, moving, zero, stage_objective(task, stage, fixed), cfg), None
+        return refine_displacement(fixed, moving, zero, stage_objective(task, stage), cfg), None
 
     return run
 

@@ -361,7 +361,7 @@ class RegistrationTask(Task):
         steps = self.cfg.refine.teacher_steps
         if steps:
             cfg = self.cfg.refine.model_copy(update={"steps": steps})
-            u = refine_displacement(fixed, moving, u, context_objective(self, ctx, fixed), cfg)
+            u = refine_displacement(fixed, moving, u, context_objective(self, ctx), cfg)
         return u.detach()
 
     def validate(self, ctx: Any, loader: Any) -> dict[str, float]:
@@ -387,7 +387,7 @@ class RegistrationTask(Task):
         """``u`` of ``stage``'s network after ``refine.steps`` (or ``steps``) of instance optimisation on the
         stage's own loss (:mod:`medistill.tasks.registration_refine`)."""
         cfg = self.cfg.refine if steps is None else self.cfg.refine.model_copy(update={"steps": steps})
-        return refine_displacement(fixed, moving, u, stage_objective(self, stage, fixed), cfg)
+        return refine_displacement(fixed, moving, u, stage_objective(self, stage), cfg)
 
     # --- evaluation --------------------------------------------------------------------------------
     def methods(self) -> dict[str, Any]:
