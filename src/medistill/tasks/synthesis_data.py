@@ -21,6 +21,9 @@ evaluation reference and the split.
   levels the MR training slabs cover (``ct_levels: mr_train``): the CT reaches the mandible and teeth,
   the MR's usable slices do not, and without this the CT discriminator asks every brain slice for the
   bone of the skull base. The registration is used only to pick levels, never as paired supervision.
+* **Pairs** (``data.pair``): ``head`` (head-mr and head-ct, or the files ``data.mr`` / ``data.ct``) or
+  ``brain`` (brain-mr and brain-ct, both brain only, prepared once by :mod:`.synthesis_brain`: the brain
+  CT's 0 HU background becomes air, so every check and mask here applies unchanged).
 """
 
 from __future__ import annotations
