@@ -364,3 +364,77 @@ def test_refined_teacher_targets_have_a_lower_teacher_loss(trained) -> None:
     assert not refined.requires_grad and refined.shape == raw.shape
     f = batch["fixed"]
     assert float(loss(f, warp(m, refined), refined)) < float(loss(f, warp(m, raw), raw))
+
+
+def _pairs_dataset(tmp: Path) -> Path:
+    """A pairs file over four phantoms: the atlas deformed by four smooth fields (own files + labels)."""
+    from medistill.nets.registration import SpatialTransformer
+    from medistill.tasks.registration_data import smooth_field
+
+    image, label = phantom(tmp)
+    img, lab = nib.load(image), nib.load(label)
+    vol = torch.from_numpy(np.asarray(img.dataobj, np.float32))[None, None]
+    seg = torch.from_numpy(np.asarray(lab.dataobj).astype(np.float32))[None, None]
+    names = []
+    for k in range(4):
+        u = smooth_field(vol.shape[2:], np.random.default_rng(k), 2.5)[None]
+        w = SpatialTransformer()(vol, u)[0, 0].numpy()
+        s = SpatialTransformer("nearest", "zeros")(seg, u)[0, 0].numpy().astype(np.int16)
+        nib.save(nib.Nifti1Image(w, img.affine), tmp / f"s{k}.nii.gz")
+        nib.save(nib.Nifti1Image(s, img.affine), tmp / f"s{k}_seg.nii.gz")
+        names.append(f"s{k}")
+
+    def side(n: str) -> dict:
+        return {"image": f"{n}.nii.gz", "label": f"{n}_seg.nii.gz", "modality": "mr"}
+
+    pairs = {
+        "labels": {"a": [1], "b": [2], "c": [3]},
+        "training": [
+            {"fixed": side(a), "moving": side(b), "prealign": "none"} for a, b in (("s0", "s1"), ("s1", "s0"))
+        ],
+        "validation": [{"fixed": side("s2"), "moving": side("s0"), "prealign": "none"}],
+        "test": [{"fixed": side("s3"), "moving": side("s1"), "prealign": "none", "name": "s1 -> s3"}],
+    }
+    path = tmp / "pairs.json"
+    path.write_text(json.dumps(pairs))
+    return path
+
+
+def test_own_pairs_file_trains_validates_and_evaluates_on_its_splits(tmp_path: Path) -> None:
+    import yaml
+
+    from medistill.tasks.registration_pairs import read_pairs_file
+
+    pairs = _pairs_dataset(tmp_path)
+    base = yaml.safe_load(config(tmp_path).read_text())
+    base["data"] = {"pairs_file": str(pairs), "size": SIZE, "modality": "mr", "sitk_iterations": 3}
+    base["eval"] = {}
+    base["stages"] = [base["stages"][2] | {"name": "net", "steps": 6}]
+    base["export"] = ["net.net"]
+    path = tmp_path / "own.yaml"
+    path.write_text(yaml.safe_dump(base))
+    run = tmp_path / "run"
+    main(["run", str(path), "--out", str(run)])
+    splits = json.loads((run / "splits.json").read_text())
+    assert splits["test"] == ["s1 -> s3"] and len(splits["train"]) == 2
+    result = json.loads((run / "eval" / "metrics.json").read_text())
+    assert set(result["cases"]) == {"no_registration", "net", "sitk_bspline"}
+    assert result["real_pairs"]["s1 -> s3"]["net"]["dice"] > 0.3
+    assert all(np.isfinite(r["dice"]) and r["n_pairs"] == 1 for r in result["cases"].values())
+    logs = [json.loads(x) for x in (run / "net" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["phase"] == "val" and np.isfinite(r["dice"]) for r in logs)
+
+    # problems are named before any work, with the entry and the field
+    bad = json.loads(pairs.read_text())
+    bad["test"][0]["moving"]["image"] = "nowhere.nii.gz"
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(MedistillError, match=r"test\[0\]\.moving\.image: .*nowhere.nii.gz not found"):
+        read_pairs_file(tmp_path / "bad.json")
+    del bad["validation"]
+    bad["test"][0]["moving"]["image"] = "s1.nii.gz"
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(MedistillError, match="'validation' needs at least one pair"):
+        read_pairs_file(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(MedistillError, match="not valid JSON"):
+        read_pairs_file(tmp_path / "bad.json")

@@ -46,6 +46,7 @@ from medistill.tasks.registration_data import (
     to_network_grid,
     true_displacement,
 )
+from medistill.tasks.registration_pairs import AlignedPairs, align_pairs, read_pairs_file
 from medistill.tasks.registration_real import PREALIGN_SIZE, RealEval
 from medistill.tasks.registration_refine import (
     RegRefine,
@@ -100,6 +101,11 @@ class RegData(StrictModel):
     )
     sitk_iterations: int = Field(50, ge=1, description="SimpleITK B-spline baseline: optimiser iterations")
     threads: int = Field(2, ge=1, description="threads for timing (torch and SimpleITK)")
+    pairs_file: Path | None = Field(
+        None,
+        description="own data: a JSON of real pairs per split (training / validation / test, "
+        "tasks/registration_pairs.py) instead of the synthetic cohort",
+    )
 
 
 class RegistrationConfig(ExperimentConfig):
@@ -198,6 +204,13 @@ class RegistrationTask(Task):
         super().__init__(cfg, run_dir)
         self.cfg: RegistrationConfig = cfg
         self._cohort: dict[str, Any] | None = None
+        self.pair_specs = None if cfg.data.pairs_file is None else read_pairs_file(Path(cfg.data.pairs_file))
+        if self.pair_specs is not None and cfg.eval.real_pairs:
+            raise MedistillError(
+                "eval.real_pairs: with data.pairs_file its 'test' pairs are the evaluation; list extra "
+                "pairs there"
+            )
+        self._aligned: dict[str, tuple[list[dict[str, Any]], list[str]]] = {}
 
     # --- data --------------------------------------------------------------------------------------
     @property
@@ -269,6 +282,20 @@ class RegistrationTask(Task):
         }
         return self._cohort
 
+    def aligned(self, split: str) -> tuple[list[dict[str, Any]], list[str]]:
+        """``data.pairs_file``: the pre-aligned pairs of ``split`` and their structure names (built once)."""
+        if split not in self._aligned:
+            assert self.pair_specs is not None
+            d = self.cfg.data
+            self._aligned[split] = align_pairs(
+                self.pair_specs[split], split, d.size, self.modality, d.hu_window, d.threads
+            )
+        return self._aligned[split]
+
+    def structures(self) -> list[str]:
+        """Names of the scored structures (label values 1..K of the network-grid label maps)."""
+        return self.aligned("val")[1] if self.pair_specs is not None else self.cohort()["structures"]
+
     def pair_set(self, split: str, augment: bool = False, limit: int | None = None) -> PairSet:
         c, d = self.cohort(), self.cfg.data
         subjects = c["splits"][split]
@@ -279,10 +306,17 @@ class RegistrationTask(Task):
             c["atlas"],
         )
 
-    def build_data(self) -> tuple[PairSet, PairSet]:
+    def build_data(self) -> tuple[KeyedDataset, KeyedDataset]:
+        if self.pair_specs is not None:
+            amplitude = self.cfg.data.augment_amplitude * self.cfg.data.size
+            return AlignedPairs(self.aligned("train")[0], amplitude), AlignedPairs(
+                self.aligned("val")[0], 0.0
+            )
         return self.pair_set("train", augment=True), self.pair_set("val", limit=6)
 
     def splits(self) -> dict[str, list[str]]:
+        if self.pair_specs is not None:
+            return {k: [p.label() for p in v] for k, v in self.pair_specs.items()}
         return {k: [s.name for s in v] for k, v in self.cohort()["splits"].items()}
 
     # --- models and steps --------------------------------------------------------------------------
@@ -368,7 +402,7 @@ class RegistrationTask(Task):
         from medistill.nets.registration import SpatialTransformer
 
         nearest = SpatialTransformer("nearest", "zeros")
-        values = list(range(1, len(self.cohort()["structures"]) + 1))
+        values = list(range(1, len(self.structures()) + 1))
         scores = []
         for b in loader:
             u = ctx.models["net"](b["fixed"].to(ctx.device), b["moving"].to(ctx.device))
@@ -412,6 +446,9 @@ class RegistrationTask(Task):
         no registration, every trained stage and the SimpleITK B-spline baseline, on the same test pairs."""
         if not self.stage_names():
             raise MedistillError(f"{self.run_dir}: no trained stage (run `medistill train` first)")
+        if self.pair_specs is not None:  # own pairs: no known field, the test pairs' label overlap
+            note = f"data.pairs_file {self.cfg.data.pairs_file}: its test pairs (no known field: no TRE)"
+            return self.evaluate_real(Path(out_dir), {"cases": {}, "note": note, "figures": []})
         c, d = self.cohort(), self.cfg.data
         test = self.pair_set("test", limit=d.test_pairs)
         labels = {name: k for k, name in enumerate(c["structures"], start=1)}
@@ -474,14 +511,13 @@ class RegistrationTask(Task):
         torch.set_num_threads(d.threads)
         try:
             methods = self.methods()
-            real, aligned = evaluate_real_pairs(
-                e.real_pairs, methods, d.size, self.modality, d.hu_window, d.threads
-            )
+            pairs = e.real_pairs if self.pair_specs is None else self.pair_specs["test"]
+            real, aligned = evaluate_real_pairs(pairs, methods, d.size, self.modality, d.hu_window, d.threads)
         finally:
             torch.set_num_threads(threads)
         structures = aligned[0]["structures"]
         table = real_pairs_table(real, structures)
-        kinds = sorted({p.prealign for p in e.real_pairs})
+        kinds = sorted({p.prealign for p in pairs})
         table["note"] = (
             f"n={len(real)} real pairs (moving -> fixed), one row each: NOT a cohort. Shared pre-alignment "
             f"for every method: SimpleITK {'/'.join(kinds)} (centre of intensity mass, then rigid"
@@ -514,6 +550,20 @@ class RegistrationTask(Task):
         }
         (out_dir / "real_pairs.md").write_text(markdown_table(table))
         matrices = {p["name"]: p["matrix"].round(5).tolist() for p in aligned}
+        if not result["cases"]:  # own pairs: the means over the test pairs are the run's cases
+            keys = ("dice", "hd95_mm", "folding_percent", "seconds")
+            result["cases"] = {
+                m: {k: float(np.nanmean([real[p][m][k] for p in real])) for k in keys}
+                | {"n_pairs": len(real)}
+                for m in methods
+            }
+            return result | {
+                "real_pairs": real,
+                "real_pairs_prealign": matrices,
+                "real_pairs_note": table["note"],
+                "tables": [table],
+                "figures": [str(figure)],
+            }
         return result | {
             "real_pairs": real,
             "real_pairs_prealign": matrices,
@@ -524,7 +574,11 @@ class RegistrationTask(Task):
 
     # --- deployment and prediction -----------------------------------------------------------------
     def deploy_inputs(self, stage: str, model: str) -> dict[str, torch.Tensor]:
-        b = self.pair_set("test", limit=1)[0]
+        b = (
+            AlignedPairs(self.aligned("val")[0], 0.0)[0]
+            if self.pair_specs is not None
+            else self.pair_set("test", limit=1)[0]
+        )
         return {"fixed": b["fixed"][None], "moving": b["moving"][None]}
 
     def dynamic_spatial(self, stage: str, model: str) -> bool:
