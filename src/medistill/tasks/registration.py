@@ -527,7 +527,7 @@ class RegistrationTask(Task):
             "diagonal) and stays in the means; HD95 = mean over structures; % det J <= 0 of the deformable "
             f"field; seconds of the deformable step with {d.threads} threads after one warm-up"
         )
-        stages = [m for m in methods if m in self.stage_names()]
+        stages = [m for m in methods if m not in ("no_registration", "sitk_bspline")]  # networks (+ IO)
         best = max(stages, key=lambda m: np.nanmean([real[p][m]["dice"] for p in real])) if stages else None
         shown = [m for m in (best, "sitk_bspline") if m is not None]
         figure = real_pairs_figure(aligned, shown, out_dir / "real_pairs.png")
