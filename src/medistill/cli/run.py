@@ -97,6 +97,9 @@ def predict(
     fixed: Path | None = typer.Option(None, "--fixed", help="registration: the fixed image (output grid)"),
     moving: Path | None = typer.Option(None, "--moving", help="registration: the moving image"),
     moving_labels: Path | None = typer.Option(None, "--moving-labels", help="registration: labels to warp"),
+    prealign: str = typer.Option(
+        "none", "--prealign", help="registration: classical pre-alignment first (none, rigid, affine)"
+    ),
     refine_steps: int | None = typer.Option(
         None,
         "--refine-steps",
@@ -110,8 +113,12 @@ def predict(
     pair = fixed is not None or moving is not None
     if pair and (fixed is None or moving is None or input is not None):
         raise MedistillError("registration needs both --fixed and --moving (and no INPUT)")
-    if refine_steps is not None and not pair:
-        raise MedistillError("--refine-steps is for registration pairs (--fixed and --moving)")
+    if prealign not in ("none", "rigid", "affine"):
+        raise MedistillError(f"--prealign: expected none, rigid or affine, got {prealign!r}")
+    if (refine_steps is not None or prealign != "none") and not pair:
+        raise MedistillError(
+            "--refine-steps and --prealign are for registration pairs (--fixed and --moving)"
+        )
     inputs = [p for p in (fixed, moving, moving_labels) if p is not None] if pair else [input]
     if inputs == [None]:
         raise MedistillError("give INPUT, or --fixed and --moving for a registration run")
@@ -132,7 +139,7 @@ def predict(
     elif pair:
         if not hasattr(task, "predict_pair"):
             raise MedistillError(f"task {task.cfg.task!r} does not register pairs; give one INPUT")
-        task.predict_pair(fixed, moving, out, moving_labels, refine_steps)
+        task.predict_pair(fixed, moving, out, moving_labels, refine_steps, prealign)
     else:
         task.predict_file(input, out)
     typer.echo(str(out))

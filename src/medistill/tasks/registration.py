@@ -598,12 +598,15 @@ class RegistrationTask(Task):
         out_dir: Path,
         labels_path: Path | None = None,
         refine_steps: int | None = None,
+        prealign: str = "none",
     ) -> dict[str, Any]:
         """Register ``moving`` to ``fixed`` (any size, spacing, orientation) and write, in the fixed image's
         grid: ``warped.nii.gz``, ``displacement.nii.gz`` (X Y Z 1 3 vector, mm, world RAS+: fixed point x
         corresponds to moving point x + u(x)), ``warped_labels.nii.gz`` (nearest) and ``metrics.json``.
         The network's field is refined by ``refine_steps`` (default ``refine.steps``) of instance
-        optimisation on the network grid."""
+        optimisation on the network grid. ``prealign`` ``affine`` / ``rigid``: the classical pre-alignment
+        of the real-pair evaluation first (scans of two people rarely share a field of view); ``none``: the
+        two scans' world boxes are taken as corresponding, as in training."""
         t_all = time.perf_counter()
         fixed, moving = read_image(fixed_path), read_image(moving_path)
         for path, img in ((fixed_path, fixed), (moving_path, moving)):
@@ -613,6 +616,8 @@ class RegistrationTask(Task):
         if labels_path is not None:
             labels = read_image(labels_path)
             check_same_grid(moving, labels, str(moving_path), str(labels_path))
+        if prealign not in ("none", "rigid", "affine"):
+            raise MedistillError(f"--prealign: expected none, rigid or affine, got {prealign!r}")
         if refine_steps is not None and refine_steps < 0:
             raise MedistillError(f"--refine-steps: must be >= 0, got {refine_steps}")
         steps = self.cfg.refine.steps if refine_steps is None else refine_steps
@@ -621,9 +626,17 @@ class RegistrationTask(Task):
         f_img, _, f_grid = to_network_grid(
             fixed.with_array(normalise_intensity(fixed.array, self.modality, d.hu_window)), d.size
         )
-        m_img, _, m_grid = to_network_grid(
-            moving.with_array(normalise_intensity(moving.array, self.modality, d.hu_window)), d.size
-        )
+        m_norm = moving.with_array(normalise_intensity(moving.array, self.modality, d.hu_window))
+        matrix, t_pre = np.eye(4), 0.0
+        if prealign == "none":
+            m_img, _, m_grid = to_network_grid(m_norm, d.size)
+        else:  # the moving scan through the pre-alignment onto the fixed network grid
+            from medistill.tasks.registration_real import prealign as classical_prealign
+
+            f_norm = fixed.with_array(normalise_intensity(fixed.array, self.modality, d.hu_window))
+            matrix, t_pre = classical_prealign(f_norm, m_norm, prealign, torch.get_num_threads())
+            m_grid = matrix @ f_grid  # fixed network voxel -> moving world
+            m_img = resample(m_norm.array, m_norm.affine, m_grid, (d.size,) * 3, padding="zeros")
         t0 = time.perf_counter()
         u = net(f_img[None], m_img[None])  # network-grid voxels
         t_net = time.perf_counter() - t0
@@ -647,6 +660,9 @@ class RegistrationTask(Task):
             "network_seconds": t_net,
             "refine_steps": steps,
             "refine_seconds": t_refine,
+            "prealign": prealign,
+            "prealign_seconds": t_pre,
+            "prealign_matrix": np.asarray(matrix).round(6).tolist(),
             "total_seconds": time.perf_counter() - t_all,
             "network_grid": [d.size] * 3,
             "threads": torch.get_num_threads(),
