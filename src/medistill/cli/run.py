@@ -113,8 +113,6 @@ def predict(
     pair = fixed is not None or moving is not None
     if pair and (fixed is None or moving is None or input is not None):
         raise MedistillError("registration needs both --fixed and --moving (and no INPUT)")
-    if prealign not in ("none", "rigid", "affine"):
-        raise MedistillError(f"--prealign: expected none, rigid or affine, got {prealign!r}")
     if (refine_steps is not None or prealign != "none") and not pair:
         raise MedistillError(
             "--refine-steps and --prealign are for registration pairs (--fixed and --moving)"

@@ -40,14 +40,15 @@ from medistill.tasks.registration_data import (
     Subject,
     merge_labels,
     normalise_intensity,
+    pair_item,
     resample,
-    smooth_field,
     synthetic_subject,
     to_network_grid,
     true_displacement,
 )
 from medistill.tasks.registration_pairs import AlignedPairs, align_pairs, read_pairs_file
-from medistill.tasks.registration_real import PREALIGN_SIZE, RealEval
+from medistill.tasks.registration_real import PREALIGN_KINDS, PREALIGN_SIZE, RealEval
+from medistill.tasks.registration_real import prealign as classical_prealign
 from medistill.tasks.registration_refine import (
     RegRefine,
     context_objective,
@@ -135,13 +136,7 @@ class PairSet(KeyedDataset):
     def get(self, index: int, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
         i, j = self.pairs[index]
         f, m = self.subjects[i], self.subject(j)
-        moving = m.image
-        if self.augment and rng is not None:
-            from medistill.nets.registration import warp
-
-            u = smooth_field(moving.shape[1:], rng, self.augment)
-            moving = warp(moving[None], u[None])[0]
-        return {"fixed": f.image, "moving": moving, "fixed_labels": f.labels, "moving_labels": m.labels}
+        return pair_item(f.image, m.image, f.labels, m.labels, self.augment, rng)
 
 
 def _pairs(n: int, mode: str, limit: int | None = None) -> list[tuple[int, int]]:
@@ -550,6 +545,7 @@ class RegistrationTask(Task):
         }
         (out_dir / "real_pairs.md").write_text(markdown_table(table))
         matrices = {p["name"]: p["matrix"].round(5).tolist() for p in aligned}
+        tables = [synthetic, table]
         if not result["cases"]:  # own pairs: the means over the test pairs are the run's cases
             keys = ("dice", "hd95_mm", "folding_percent", "seconds")
             result["cases"] = {
@@ -557,18 +553,12 @@ class RegistrationTask(Task):
                 | {"n_pairs": len(real)}
                 for m in methods
             }
-            return result | {
-                "real_pairs": real,
-                "real_pairs_prealign": matrices,
-                "real_pairs_note": table["note"],
-                "tables": [table],
-                "figures": [str(figure)],
-            }
+            tables = [table]
         return result | {
             "real_pairs": real,
             "real_pairs_prealign": matrices,
             "real_pairs_note": table["note"],
-            "tables": [synthetic, table],
+            "tables": tables,
             "figures": [*result["figures"], str(figure)],
         }
 
@@ -607,6 +597,10 @@ class RegistrationTask(Task):
         optimisation on the network grid. ``prealign`` ``affine`` / ``rigid``: the classical pre-alignment
         of the real-pair evaluation first (scans of two people rarely share a field of view); ``none``: the
         two scans' world boxes are taken as corresponding, as in training."""
+        if prealign not in PREALIGN_KINDS:
+            raise MedistillError(f"--prealign: expected one of {', '.join(PREALIGN_KINDS)}, got {prealign!r}")
+        if refine_steps is not None and refine_steps < 0:
+            raise MedistillError(f"--refine-steps: must be >= 0, got {refine_steps}")
         t_all = time.perf_counter()
         fixed, moving = read_image(fixed_path), read_image(moving_path)
         for path, img in ((fixed_path, fixed), (moving_path, moving)):
@@ -616,24 +610,16 @@ class RegistrationTask(Task):
         if labels_path is not None:
             labels = read_image(labels_path)
             check_same_grid(moving, labels, str(moving_path), str(labels_path))
-        if prealign not in ("none", "rigid", "affine"):
-            raise MedistillError(f"--prealign: expected none, rigid or affine, got {prealign!r}")
-        if refine_steps is not None and refine_steps < 0:
-            raise MedistillError(f"--refine-steps: must be >= 0, got {refine_steps}")
         steps = self.cfg.refine.steps if refine_steps is None else refine_steps
         net = self.predict_model()
         d = self.cfg.data
-        f_img, _, f_grid = to_network_grid(
-            fixed.with_array(normalise_intensity(fixed.array, self.modality, d.hu_window)), d.size
-        )
+        f_norm = fixed.with_array(normalise_intensity(fixed.array, self.modality, d.hu_window))
         m_norm = moving.with_array(normalise_intensity(moving.array, self.modality, d.hu_window))
+        f_img, _, f_grid = to_network_grid(f_norm, d.size)
         matrix, t_pre = np.eye(4), 0.0
         if prealign == "none":
             m_img, _, m_grid = to_network_grid(m_norm, d.size)
         else:  # the moving scan through the pre-alignment onto the fixed network grid
-            from medistill.tasks.registration_real import prealign as classical_prealign
-
-            f_norm = fixed.with_array(normalise_intensity(fixed.array, self.modality, d.hu_window))
             matrix, t_pre = classical_prealign(f_norm, m_norm, prealign, torch.get_num_threads())
             m_grid = matrix @ f_grid  # fixed network voxel -> moving world
             m_img = resample(m_norm.array, m_norm.affine, m_grid, (d.size,) * 3, padding="zeros")

@@ -206,3 +206,20 @@ def true_displacement(fixed: Subject, moving: Subject) -> torch.Tensor | None:
     if moving.field is None:  # the moving image is the atlas itself
         return fixed.field
     return compose(invert_field(moving.field[None]), fixed.field[None])[0]
+
+
+def pair_item(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    fixed_labels: torch.Tensor,
+    moving_labels: torch.Tensor,
+    augment: float,
+    rng: np.random.Generator | None,
+) -> dict[str, torch.Tensor]:
+    """One training / validation item of a pair (``1 S S S`` each); when training (``rng``) with
+    ``augment`` > 0 the moving image is warped by a random smooth field of that amplitude (voxels), so the
+    teacher and the student see the same augmented pair (it is one sample)."""
+    if augment and rng is not None:
+        u = smooth_field(moving.shape[1:], rng, augment)
+        moving = warp(moving[None], u[None])[0]
+    return {"fixed": fixed, "moving": moving, "fixed_labels": fixed_labels, "moving_labels": moving_labels}

@@ -32,8 +32,8 @@ from pydantic import ValidationError
 
 from medistill.engine.data import KeyedDataset
 from medistill.errors import MedistillError
-from medistill.tasks.registration_data import Modality, smooth_field
-from medistill.tasks.registration_real import RealPair, aligned_pair, load_pair, prealign
+from medistill.tasks.registration_data import Modality, pair_item
+from medistill.tasks.registration_real import RealPair, load_aligned_pair
 
 SPLITS = {"training": "train", "validation": "val", "test": "test"}
 
@@ -101,18 +101,7 @@ class AlignedPairs(KeyedDataset):
 
     def get(self, index: int, rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
         p = self.pairs[index]
-        moving = p["moving"]
-        if self.augment and rng is not None:
-            from medistill.nets.registration import warp
-
-            u = smooth_field(moving.shape[1:], rng, self.augment)
-            moving = warp(moving[None], u[None])[0]
-        return {
-            "fixed": p["fixed"],
-            "moving": moving,
-            "fixed_labels": p["fixed_labels"],
-            "moving_labels": p["moving_labels"],
-        }
+        return pair_item(p["fixed"], p["moving"], p["fixed_labels"], p["moving_labels"], self.augment, rng)
 
 
 def align_pairs(
@@ -130,11 +119,11 @@ def align_pairs(
     out, names = [], None
     for k, spec in enumerate(track(pairs, description=f"aligning {split} pairs", disable=len(pairs) < 4)):
         where = f"data.pairs_file {split}[{k}]"
-        fixed, fixed_lab, moving, moving_lab, structures = load_pair(spec, where, default, hu_window)
-        if names is not None and structures != names:
-            raise MedistillError(f"{where}: structures {structures} differ from the first pair's {names}")
-        names = structures
-        matrix, _ = prealign(fixed, moving, spec.prealign, threads)
-        pair = aligned_pair(fixed, fixed_lab, moving, moving_lab, matrix, size)
-        out.append(pair | {"name": spec.label()})
+        pair = load_aligned_pair(spec, where, size, default, hu_window, threads)
+        if names is not None and pair["structures"] != names:
+            raise MedistillError(
+                f"{where}: structures {pair['structures']} differ from the first pair's {names}"
+            )
+        names = pair["structures"]
+        out.append(pair)
     return out, names or []

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -53,6 +53,9 @@ RealExample = Literal["chest-ct", "chest-ct-2", "brain-mr", "head-mr"]
 #: intensity scaling of each example when the pair does not set `modality` (a brain pair in a CT run is MR)
 REAL_MODALITY: dict[str, Modality] = {"chest-ct": "ct", "chest-ct-2": "ct", "brain-mr": "mr", "head-mr": "mr"}
 
+#: the classical pre-alignments (``none``: the two world boxes are taken as corresponding)
+PrealignKind = Literal["affine", "rigid", "none"]
+PREALIGN_KINDS: tuple[str, ...] = get_args(PrealignKind)
 #: grid of the coarse copies the affine pre-alignment runs on (per axis, over each volume's world box)
 PREALIGN_SIZE = 64
 
@@ -90,7 +93,7 @@ class RealPair(StrictModel):
     fixed: RealVolume
     moving: RealVolume
     name: str | None = Field(None, description="row name (default 'moving -> fixed')")
-    prealign: Literal["affine", "rigid", "none"] = Field(
+    prealign: PrealignKind = Field(
         "affine", description="classical pre-alignment shared by every method (SimpleITK, Mattes MI)"
     )
 
@@ -278,6 +281,23 @@ def score_pair(pair: dict[str, Any], u: torch.Tensor, structures: list[str]) -> 
     return row
 
 
+def load_aligned_pair(
+    spec: RealPair, where: str, size: int, default: Modality, hu_window: tuple[float, float], threads: int
+) -> dict[str, Any]:
+    """One real pair read (:func:`load_pair`), pre-aligned (:func:`prealign`) and on the fixed image's
+    network grid (:func:`aligned_pair`), with its ``name``, ``structures``, ``matrix`` and
+    ``prealign_seconds``."""
+    fixed, fixed_lab, moving, moving_lab, structures = load_pair(spec, where, default, hu_window)
+    matrix, t_pre = prealign(fixed, moving, spec.prealign, threads)
+    pair = aligned_pair(fixed, fixed_lab, moving, moving_lab, matrix, size)
+    return pair | {
+        "name": spec.label(),
+        "structures": structures,
+        "matrix": matrix,
+        "prealign_seconds": t_pre,
+    }
+
+
 def evaluate_real_pairs(
     pairs: list[RealPair],
     methods: dict[str, Any],
@@ -292,11 +312,9 @@ def evaluate_real_pairs(
     results: dict[str, dict[str, dict[str, Any]]] = {}
     aligned = []
     for k, spec in enumerate(pairs):
-        where = f"eval.real_pairs.{k}"
-        fixed, fixed_lab, moving, moving_lab, structures = load_pair(spec, where, default, hu_window)
-        matrix, t_pre = prealign(fixed, moving, spec.prealign, threads)
-        pair = aligned_pair(fixed, fixed_lab, moving, moving_lab, matrix, size)
-        pair |= {"name": spec.label(), "structures": structures, "matrix": matrix, "fields": {}}
+        pair = load_aligned_pair(spec, f"eval.real_pairs.{k}", size, default, hu_window, threads)
+        pair["fields"] = {}
+        structures, t_pre = pair["structures"], pair["prealign_seconds"]
         f, m = pair["fixed"][None], pair["moving"][None]
         rows: dict[str, dict[str, Any]] = {}
         for name, fn in methods.items():
